@@ -1,0 +1,254 @@
+"""NoRA layers: the adapter state held next to a frozen base module, and the forward pass of Eq. 2.
+
+``Linear`` adapts one linear map (``nn.Linear``, transformers ``Conv1D``, fused projections).
+``ParallelBlock`` (``granularity="module"``) adapts a whole block: it reads the block's input and adds the NoRA
+branch to the block's (first) output. Both share one forward; they differ only in how the input is found, how the
+branch is added and whether merging is possible.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from transformers.pytorch_utils import Conv1D
+
+from .config import compute_scaling
+from .ops import nora_delta
+
+
+def _block_in_out_features(block: nn.Module) -> tuple[int, int]:
+    """Width of a block's input and output: the first linear map's input and the last one's output."""
+    linears = [m for m in block.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if not linears:
+        raise TypeError(
+            f"granularity='module' needs a block containing linear layers to infer its width; {type(block).__name__} "
+            "has none. Target attention/MLP blocks (e.g. 'self_attn', 'mlp')."
+        )
+    in_features = _get_in_out_features(linears[0])[0]
+    out_features = _get_in_out_features(linears[-1])[1]
+    return in_features, out_features
+
+
+class NoraLayer(BaseTunerLayer):
+    """State shared by NoRA layers: per adapter ``W_up`` (``nora_up``), ``W_down`` (``nora_down``) and settings."""
+
+    adapter_layer_names: tuple[str, ...] = ("nora_up", "nora_down")
+    other_param_names: tuple[str, ...] = ("r", "alpha", "scaling", "nora_dropout", "nora_activation")
+    mergeable: bool = True
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.nora_dropout: dict[str, float] = {}
+        self.nora_activation: dict[str, str] = {}
+        self.nora_up = nn.ModuleDict()
+        self.nora_down = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = self._in_out_features(self.get_base_layer())
+
+    @staticmethod
+    def _in_out_features(base: nn.Module) -> tuple[int, int]:
+        return _get_in_out_features(base)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        scaling: str | float,
+        dropout: float,
+        activation: str,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Create (or replace) adapter ``adapter_name`` on this layer."""
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = compute_scaling(scaling, alpha, r)
+        self.nora_dropout[adapter_name] = float(dropout)
+        self.nora_activation[adapter_name] = activation
+        self.nora_up[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.nora_down[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.reset_nora_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_nora_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """``W_up`` as LoRA's ``A`` (Kaiming-uniform, a=sqrt(5)); ``W_down`` zero unless ``init_weights`` is False."""
+        if adapter_name not in self.nora_up:
+            return
+        nn.init.kaiming_uniform_(self.nora_up[adapter_name].weight, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.nora_down[adapter_name].weight)
+        else:
+            nn.init.kaiming_uniform_(self.nora_down[adapter_name].weight, a=math.sqrt(5))
+
+    # -- the forward pass -------------------------------------------------------------------------------------
+    def _adapter_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The tensor the adapter reads: the base layer's input."""
+        return args[0]
+
+    @staticmethod
+    def _add(result: Any, delta_fn) -> Any:
+        """``result + delta`` where ``delta_fn(result_dtype)`` computes the branch."""
+        return result + delta_fn(result.dtype)
+
+    def _branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        up = self.nora_up[name].weight
+        x = self._cast_input_dtype(x, up.dtype)
+        return nora_delta(
+            x,
+            up,
+            self.nora_down[name].weight,
+            self.scaling[name],
+            self.nora_activation[name],
+            self.nora_dropout[name],
+            self.training,
+        )
+
+    # -- merging ----------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * W_down @ W_up`` in the layout of the base weight; exact only for the identity activation."""
+        up = self.nora_up[adapter_name].weight
+        down = self.nora_down[adapter_name].weight
+        base_w = self.get_base_layer().weight
+        delta = (down.float() @ up.float()) * self.scaling[adapter_name]
+        if isinstance(self.get_base_layer(), Conv1D):
+            delta = delta.t()
+        return delta.to(base_w.dtype)
+
+    def _check_mergeable(self, adapter_names: list[str]) -> None:
+        for name in adapter_names:
+            act = self.nora_activation[name]
+            if not self.mergeable:
+                raise ValueError(
+                    f"NoRA adapter {name!r} has granularity='module': it runs beside a whole block, not a single "
+                    "weight, so there is no weight to merge it into. Serve it unmerged (plain PeftModel forward or "
+                    "`nora serve`)."
+                )
+            if act != "identity":
+                raise ValueError(
+                    f"NoRA adapter {name!r} uses activation {act!r}: W_down {act}(W_up x) is not a linear map of x, "
+                    "so it cannot be folded into W0 exactly. Serve it unmerged (plain PeftModel forward, "
+                    "`adapter_names=` mixed batches, or `nora serve`), or train with activation='identity' to merge."
+                )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold identity-activation adapters into the base weight: ``W0 += s * W_down W_up``."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        self._check_mergeable([n for n in adapter_names if n in self.nora_up])
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.nora_up:
+                continue
+            merged = base.weight.data + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            base.weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.nora_up:
+                base.weight.data -= self.get_delta_weight(name)
+
+
+class Linear(nn.Module, NoraLayer):
+    """NoRA around one linear map: ``nn.Linear``, transformers ``Conv1D`` (GPT-2) or a fused projection."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        NoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter().")
+            return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(*args, **kwargs)
+        if self.merged:
+            return result
+        x = self._adapter_input(args, kwargs)
+        for name in self.active_adapters:
+            if name in self.nora_up:
+                result = self._add(result, lambda dtype, name=name: self._branch(name, x).to(dtype))
+        return result
+
+    def _mixed_batch_forward(self, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
+        """Rows of one batch use different adapters (``"__base__"``: none); inference only."""
+        result = self.base_layer(*args, **kwargs)
+        x = self._adapter_input(args, kwargs)
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
+
+        def delta(dtype: torch.dtype) -> torch.Tensor:
+            out = torch.zeros(*x.shape[:-1], self.out_features, dtype=dtype, device=x.device)
+            for name in set(adapter_names):
+                if name in self.nora_up:
+                    rows = [i for i, n in enumerate(adapter_names) if n == name]
+                    out[rows] = self._branch(name, x[rows]).to(dtype)
+            return out
+
+        return self._add(result, delta)
+
+    def __repr__(self) -> str:
+        return "nora." + super().__repr__()
+
+
+class ParallelBlock(Linear):
+    """``granularity="module"``: a parallel NoRA adapter around a whole block (attention or MLP).
+
+    ``out = block(x, ...) + s * W_down D(act(W_up x))`` with ``x`` the block's hidden-states input; for blocks that
+    return tuples (attention returns ``(output, weights)``) the branch is added to the first element.
+    """
+
+    mergeable = False
+
+    @staticmethod
+    def _in_out_features(base: nn.Module) -> tuple[int, int]:
+        return _block_in_out_features(base)
+
+    def _adapter_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        if args:
+            return args[0]
+        if "hidden_states" in kwargs:
+            return kwargs["hidden_states"]
+        for value in kwargs.values():
+            if isinstance(value, torch.Tensor) and value.shape[-1] == self.in_features:
+                return value
+        raise ValueError(f"Could not find the hidden-states input of {type(self.base_layer).__name__}.")
+
+    @staticmethod
+    def _add(result: Any, delta_fn) -> Any:
+        if isinstance(result, tuple):
+            return (result[0] + delta_fn(result[0].dtype), *result[1:])
+        return result + delta_fn(result.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        self._check_mergeable([adapter_name])
+        raise AssertionError("unreachable")
