@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny models built from configs (no downloads), the embedded default base, the data dir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from nora_peft.io import data_dir
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir():
+    """The real GSM8K files from $NORA_DATA_DIR (default ../shared/data); skip when they are absent."""
+    path = data_dir() / "gsm8k"
+    if not (path / "train.jsonl").exists():
+        pytest.skip(f"GSM8K not found at {path} (set NORA_DATA_DIR to the folder holding gsm8k/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_base_path():
+    """The embedded default base model (built once into the cache if missing, then reused)."""
+    from nora_peft.base import ensure_default_base
+
+    return ensure_default_base()
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, NORA_DATA_DIR={os.environ.get('NORA_DATA_DIR', data_dir())}"
