@@ -135,10 +135,19 @@ class NoraConfig(PeftConfig):
 
 
 def check_adapter_weights_file(folder: str) -> None:
-    """Raise ``ValueError`` if ``folder/adapter_model.safetensors`` exists but is not a complete safetensors file."""
+    """Raise ``ValueError`` if ``folder`` lacks adapter weights or its safetensors file is not complete."""
     path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.exists(path):
-        return
+        pickled = os.path.exists(os.path.join(folder, "adapter_model.bin"))
+        raise ValueError(
+            f"NoRA adapter folder {folder} has adapter_config.json but no {WEIGHTS_NAME}"
+            + (
+                " (an adapter_model.bin is there, but NoRA loads weights through safetensors only, never pickle)"
+                if pickled
+                else ": the weights are missing"
+            )
+            + ". Copy the whole adapter folder again, or re-save it with `model.save_pretrained(...)`."
+        )
     size = os.path.getsize(path)
     problem = None
     try:

@@ -124,7 +124,8 @@ class NoraLayer(BaseTunerLayer):
         up = self.nora_up[adapter_name].weight
         down = self.nora_down[adapter_name].weight
         base_w = self.get_base_layer().weight
-        delta = (down.float() @ up.float()) * self.scaling[adapter_name]
+        compute = torch.promote_types(base_w.dtype, torch.float32)  # never merge in less than fp32
+        delta = (down.to(compute) @ up.to(compute)) * self.scaling[adapter_name]
         if isinstance(self.get_base_layer(), Conv1D):
             delta = delta.t()
         return delta.to(base_w.dtype)
@@ -200,21 +201,38 @@ class Linear(nn.Module, NoraLayer):
         return result
 
     def _mixed_batch_forward(self, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
-        """Rows of one batch use different adapters (``"__base__"``: none); inference only."""
+        """Rows of one batch use different adapters (``"__base__"``: none); inference only.
+
+        All of this layer's adapters run in one gathered pass (``nora_peft.mixed``); the stacked weights are cached
+        and rebuilt when an adapter is added, deleted, moved or its weights change (keyed on names, tensor storage,
+        in-place version counters, ranks, scalings and activations).
+        """
+        from .mixed import mixed_delta, stack_adapters
+
         result = self.base_layer(*args, **kwargs)
         x = self._adapter_input(args, kwargs)
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
-
-        def delta(dtype: torch.dtype) -> torch.Tensor:
-            out = torch.zeros(*x.shape[:-1], self.out_features, dtype=dtype, device=x.device)
-            for name in set(adapter_names):
-                if name in self.nora_up:
-                    rows = [i for i, n in enumerate(adapter_names) if n == name]
-                    out[rows] = self._branch(name, x[rows]).to(dtype)
-            return out
-
-        return self._add(result, delta)
+        names = [n for n in self.nora_up if n not in self.merged_adapters]
+        if not names:
+            return result
+        ups = [self.nora_up[n].weight for n in names]
+        downs = [self.nora_down[n].weight for n in names]
+        key = tuple(
+            (n, u.data_ptr(), u._version, d.data_ptr(), d._version, u.dtype, str(u.device), self.scaling[n])
+            + (self.nora_activation[n],)
+            for n, u, d in zip(names, ups, downs)
+        )
+        cached = self.__dict__.get("_nora_mixed_cache")
+        if cached is None or cached[0] != key:
+            stacked = stack_adapters(
+                [(n, u, d, self.scaling[n], self.nora_activation[n]) for n, u, d in zip(names, ups, downs)]
+            )
+            cached = (key, stacked)
+            self.__dict__["_nora_mixed_cache"] = cached
+        stacked = cached[1]
+        index = stacked.index(adapter_names, device=x.device)
+        return self._add(result, lambda dtype: mixed_delta(x, stacked, index).to(dtype))
 
     def __repr__(self) -> str:
         return "nora." + super().__repr__()
@@ -232,6 +250,11 @@ class ParallelBlock(Linear):
     @staticmethod
     def _in_out_features(base: nn.Module) -> tuple[int, int]:
         return _block_in_out_features(base)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # a block has no single `weight`: follow its first parameter, as peft does for a Linear's weight
+        param = next(base_layer.parameters(), None)
+        return (None, None) if param is None else (param.device, param.dtype)
 
     def _adapter_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         if args:

@@ -109,6 +109,13 @@ class NoraModel(BaseTuner):
             "(e.g. 'q_proj'), or use granularity='module' to wrap a whole block."
         )
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, ParallelBlock) and not isinstance(new_module, NoraLayer):
+            # unloading a block adapter: put the block back as it was (peft's version assumes a weight to re-tie)
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)

@@ -33,4 +33,5 @@ def default_base_path():
 
 
 def pytest_report_header(config):
-    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, NORA_DATA_DIR={os.environ.get('NORA_DATA_DIR', data_dir())}"
+    data = os.environ.get("NORA_DATA_DIR", data_dir())
+    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, NORA_DATA_DIR={data}"
