@@ -1,0 +1,13 @@
+"""Benchmark: the 'train' section of `nora bench` (see nora_peft/bench.py); prints JSON to stdout.
+
+python benchmarks/train_step.py [--threads 1] [--device auto] [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from nora_peft.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--what", "train", *sys.argv[1:]]))
