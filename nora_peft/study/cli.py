@@ -1,0 +1,83 @@
+"""``nora study SPEC``: run a study spec (YAML file or preset name) and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .spec import PRESETS, expand_cells, load_spec, parse_shard, shard_cells
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help=f"a study spec YAML file or a preset name ({', '.join(PRESETS)})")
+    parser.add_argument("--out", default=None, help="output dir (default: runs/study-<name>)")
+    parser.add_argument("--shard", default=None, help="run only shard i of n (i/n, from 0); all shards share --out")
+    parser.add_argument("--jobs", type=int, default=1, help="run N shards as N local processes, then the report")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores/jobs)")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write the report from results.jsonl")
+    parser.add_argument("--no-report", action="store_true", help="run cells but do not write the report")
+    parser.add_argument("--list", action="store_true", help="list the cells (of --shard) and exit")
+
+
+def _run_jobs(args: argparse.Namespace, out: Path, jobs: int) -> int:
+    """``--jobs N``: N subprocesses, one shard each, then the report in this process."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NORA_STUDY_THREADS": str(threads)}
+    procs = []
+    for i in range(jobs):
+        cmd = [
+            sys.executable,
+            "-m",
+            "nora_peft.cli",
+            "study",
+            args.spec,
+            "--out",
+            str(out),
+            "--shard",
+            f"{i}/{jobs}",
+            "--no-report",
+            "--threads",
+            str(threads),
+        ]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"nora study: shard processes exited with {codes}; rerun the same command to resume.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    spec = load_spec(args.spec)
+    out = Path(args.out or f"runs/study-{spec.name}")
+    shard = parse_shard(args.shard)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.list:
+        for c in shard_cells(expand_cells(spec), shard):
+            print(c.cell_id)
+        return 0
+    from .report import write_report
+    from .runner import run_study
+
+    start = time.perf_counter()
+    if args.report_only:
+        print(write_report(spec, out))
+        return 0
+    if args.jobs > 1:
+        if args.shard:
+            raise SystemExit("nora study: use either --jobs or --shard, not both.")
+        rc = _run_jobs(args, out, args.jobs)
+        if rc:
+            return rc
+        run_study(spec, out, report=not args.no_report)
+    else:
+        run_study(spec, out, shard=shard, report=not args.no_report)
+    print(f"nora study {spec.name}: {time.perf_counter() - start:.0f}s wall; output in {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,216 @@
+"""Run a study's cells: train -> evaluate (validation, test) -> analyze -> one row in ``results.jsonl``.
+
+Resumption: a cell whose id already has a row in ``results.jsonl`` is skipped; a cell whose run dir is finished
+(``train_summary.json`` + ``eval_test.json`` [+ ``analysis.json``]) is not retrained, its row is rebuilt from the
+files; an unfinished run continues from its last checkpoint (``TrainConfig.resume``). Rows are appended atomically
+(``nora_peft.io.append_jsonl``) and deduplicated by cell id on read, so a killed study loses or repeats nothing.
+
+Sharding: ``shard=(i, n)`` runs every n-th cell starting at i; any number of processes or machines can share one
+output dir. The process that finds every cell done writes the report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..io import append_jsonl, read_json, read_jsonl, write_json_atomic
+from .spec import Cell, StudySpec, expand_cells, shard_cells
+
+RESULTS = "results.jsonl"
+
+
+def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``results.jsonl``, one per cell id (the last row of an id wins)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for row in read_jsonl(Path(out_dir) / RESULTS):
+        if isinstance(row, dict) and "cell_id" in row:
+            rows[row["cell_id"]] = row
+    return list(rows.values())
+
+
+def train_config(spec: StudySpec, cell: Cell, run_dir: Path):
+    """The ``TrainConfig`` of one cell: the spec's shared budget + the cell's data, adapter, lr and seed."""
+    from ..train import TrainConfig
+
+    known = set(TrainConfig.__dataclass_fields__)
+    bad = set(spec.train) - known
+    if bad:
+        raise ValueError(f"Study spec train: unknown TrainConfig field(s) {sorted(bad)}; valid: {sorted(known)}.")
+    return TrainConfig(
+        model=spec.model,
+        data=cell.data,
+        data_options=dict(cell.data_options),
+        adapter=cell.adapter_spec,
+        output_dir=str(run_dir),
+        lr=cell.lr,
+        seed=cell.seed,
+        resume=True,
+        progress=False,
+        **spec.train,
+    )
+
+
+def _scalars(d: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric scalars of a (nested) result dict, flattened as ``a_b``; lists are skipped."""
+    out: dict[str, float] = {}
+    if not isinstance(d, dict):
+        return out
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[key] = v
+        elif isinstance(v, dict):
+            out.update(_scalars(v, f"{key}_"))
+    return out
+
+
+def run_cell(spec: StudySpec, cell: Cell, out_dir: Path) -> dict[str, Any]:
+    """Train, evaluate and analyse one cell (skipping whatever its run dir already holds); return its row."""
+    from ..evaluate import evaluate_run
+
+    ev = spec.eval_settings()
+    run_dir = out_dir / "cells" / cell.cell_id
+    start = time.perf_counter()
+    if not (run_dir / "train_summary.json").exists():
+        from ..train import train
+
+        train(train_config(spec, cell, run_dir))
+    if not (run_dir / "eval_validation.json").exists():
+        evaluate_run(
+            run_dir,
+            split="validation",
+            generate=False,
+            max_examples=ev.get("max_examples"),
+            batch_size=ev["batch_size"],
+        )
+    if not (run_dir / "eval_test.json").exists():
+        evaluate_run(
+            run_dir,
+            split="test",
+            generate=bool(ev["generate"]),
+            max_examples=ev.get("max_examples"),
+            batch_size=ev["batch_size"],
+        )
+    if ev["analysis"] and not (run_dir / "analysis.json").exists():
+        from ..analysis import analyze_run
+
+        analyze_run(run_dir, samples=int(ev["analysis_samples"]), figures=False)
+    return cell_row(cell, run_dir, wall_s=time.perf_counter() - start)
+
+
+def cell_row(cell: Cell, run_dir: Path, wall_s: float | None = None) -> dict[str, Any]:
+    """The results row of a finished cell, built from its run dir's files."""
+    from ..analysis import summary as analysis_summary
+
+    summary = read_json(run_dir / "train_summary.json")
+    val = read_json(run_dir / "eval_validation.json")
+    test = read_json(run_dir / "eval_test.json")
+    row: dict[str, Any] = cell.describe()
+    row.update(
+        {
+            "params": summary.get("trainable_params"),
+            "total_params": summary.get("total_params"),
+            "steps": summary.get("steps"),
+            "tokens_seen": summary.get("tokens_seen"),
+            "train_wall_s": summary.get("wall_time_s"),
+            "train_tokens_per_s": summary.get("tokens_per_s"),
+            "final_loss": summary.get("final_loss"),
+            "val": _scalars(val),
+            "test": _scalars(test),
+            "val_ppl": _scalars(val).get("ppl"),
+            "test_ppl": _scalars(test).get("ppl"),
+            "test_accuracy": _scalars(test).get("accuracy"),
+            "run_dir": str(run_dir),
+        }
+    )
+    if (run_dir / "analysis.json").exists():
+        row.update(analysis_summary(read_json(run_dir / "analysis.json")))
+    if wall_s is not None:
+        row["cell_wall_s"] = round(wall_s, 2)
+    return row
+
+
+def _fmt_time(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def check_out_dir(spec: StudySpec, out_dir: Path) -> None:
+    """Refuse to resume an output dir made with other training/eval settings (cell ids would lie)."""
+    meta = out_dir / "study.json"
+    if meta.exists():
+        old = read_json(meta).get("fingerprint")
+        if old != spec.fingerprint():
+            raise ValueError(
+                f"{out_dir} holds a study made with other model/data/budget/eval settings (fingerprint {old} vs "
+                f"{spec.fingerprint()}), so its cells cannot be reused. Pass another --out, or delete {out_dir}."
+            )
+    else:
+        write_json_atomic(meta, {"name": spec.name, "fingerprint": spec.fingerprint(), "spec": spec.to_dict()})
+
+
+def run_study(
+    spec: StudySpec,
+    out_dir: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    report: bool = True,
+    on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Run this shard's unfinished cells one after another, then (if every cell has a row) write the report.
+
+    ``on_cell_done(cell, row)`` is called after each row is appended (tests use it to interrupt a study).
+    Returns the output dir.
+    """
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(spec, out_dir)
+    cells = expand_cells(spec)
+    mine = shard_cells(cells, shard)
+    done_ids = {r["cell_id"] for r in read_results(out_dir)}
+    todo = [c for c in mine if c.cell_id not in done_ids]
+    log(
+        f"nora study {spec.name}: {len(cells)} cells, shard {shard[0]}/{shard[1]} has {len(mine)}, "
+        f"{len(mine) - len(todo)} already done, {len(todo)} to run -> {out_dir}"
+    )
+    times: list[float] = []
+    study_start = time.perf_counter()
+    for k, cell in enumerate(todo):
+        t0 = time.perf_counter()
+        log(f"[{k + 1}/{len(todo)}] {cell.cell_id} ...")
+        row = run_cell(spec, cell, out_dir)
+        append_jsonl(out_dir / RESULTS, row)
+        times.append(time.perf_counter() - t0)
+        left = len(todo) - k - 1
+        eta = sum(times) / len(times) * left
+        ppl = row.get("test_ppl")
+        log(
+            f"[{k + 1}/{len(todo)}] {cell.cell_id}: val ppl {row.get('val_ppl', float('nan')):.3f}, test ppl "
+            f"{ppl if ppl is None else f'{ppl:.3f}'} in {_fmt_time(times[-1])}; {left} left, ETA {_fmt_time(eta)}"
+        )
+        if on_cell_done is not None:
+            on_cell_done(cell, row)
+    if todo:
+        log(f"shard {shard[0]}/{shard[1]} finished {len(todo)} cells in {_fmt_time(time.perf_counter() - study_start)}")
+    done_ids = {r["cell_id"] for r in read_results(out_dir)}
+    missing = [c.cell_id for c in cells if c.cell_id not in done_ids]
+    if missing:
+        log(
+            f"{len(missing)} cells of other shards are not finished yet (e.g. {missing[0]}); the report is written "
+            f"when they are: run `nora study SPEC --out {out_dir} --report-only` after the other shards finish."
+        )
+        return out_dir
+    if report:
+        from .report import write_report
+
+        path = write_report(spec, out_dir, log=log)
+        log(f"report: {path}")
+    return out_dir

@@ -1,0 +1,329 @@
+"""The study spec (YAML) and the cells it expands to.
+
+A spec names a base model, one or more datasets, the methods x ranks x seeds x learning-rate grid of the main
+sweep, the NoRA ablations (Table 2) at one rank, one training budget shared by every cell, and the evaluation
+settings. ``expand_cells(spec)`` turns it into a deterministic list of :class:`Cell`; each cell is one training run
+(``<out>/cells/<cell_id>/``). ``shard_cells`` splits that list across processes. See ``docs/study.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..methods import METHODS, AdapterSpec
+
+PRESETS = ("demo", "paper")
+
+#: ablation knobs a variant may change (all NoRA options of AdapterSpec)
+ABLATION_KNOBS = ("activation", "granularity", "dropout", "scaling", "alpha")
+
+
+@dataclass
+class Dataset:
+    """One data source of the study: ``data`` is a ``train.TrainConfig.data`` value, ``options`` its data_options."""
+
+    name: str
+    data: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Ablations:
+    """NoRA variants trained at ``rank`` next to the default NoRA cell: ``{variant name: {knob: value}}``."""
+
+    rank: int | None = None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class StudySpec:
+    """A whole study. ``train`` holds ``TrainConfig`` fields shared by every cell (the budget: steps, batch size,
+    max_length, ...); ``adapter`` holds AdapterSpec fields shared by every method (dropout, target_modules, alpha)."""
+
+    name: str
+    model: str | None = None
+    datasets: list[Dataset] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "nora"])
+    ranks: list[int] = field(default_factory=lambda: [8])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lr: dict[str, list[float]] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=dict)
+    ablations: Ablations = field(default_factory=Ablations)
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+    verdict: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    description: str = ""
+
+    # -- derived ------------------------------------------------------------------------------------------------
+    def eval_settings(self) -> dict[str, Any]:
+        """Evaluation settings with defaults filled in."""
+        return {
+            "generate": True,
+            "max_examples": None,
+            "batch_size": 8,
+            "analysis": True,
+            "analysis_samples": 32,
+            **self.eval,
+        }
+
+    def verdict_ranks(self) -> tuple[int, int]:
+        """(NoRA rank, LoRA rank) compared by claim 1. Default: LoRA at the largest rank, NoRA at the rank closest
+        (in log scale) to an eighth of it -- the paper's 64 vs 512; ties go to the smaller rank."""
+        ranks = sorted(self.ranks)
+        lora_r = int(self.verdict.get("lora_rank", ranks[-1]))
+        if "nora_rank" in self.verdict:
+            return int(self.verdict["nora_rank"]), lora_r
+        target = math.log(lora_r / 8)
+        nora_r = min(ranks, key=lambda r: (abs(math.log(r) - target), r))
+        return nora_r, lora_r
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes what a cell with a given id computes (model, data, budget, eval):
+        an output dir made with another fingerprint must not be resumed."""
+        key = {
+            "model": self.model,
+            "datasets": [asdict(d) for d in self.datasets],
+            "adapter": self.adapter,
+            "train": self.train,
+            "eval": self.eval_settings(),
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the study."""
+
+    dataset: str
+    data: str
+    data_options: tuple  # sorted (key, value) pairs, hashable
+    method: str
+    r: int
+    variant: str  # "default" or an ablation variant name
+    knobs: tuple  # sorted (knob, value) pairs of the AdapterSpec beyond method and r
+    lr: float
+    seed: int
+
+    @property
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec(method=self.method, r=self.r, **_unfreeze(dict(self.knobs)))
+
+    @property
+    def cell_id(self) -> str:
+        """Readable and unique: dataset, adapter label, dropout, lr and seed (content-addressed, so the ablation's
+        default variant and the main-sweep cell of the same configuration are one cell)."""
+        knobs = dict(self.knobs)
+        parts = [self.dataset, self.adapter_spec.label(), f"do{knobs.get('dropout', 0):g}"]
+        if knobs.get("alpha") is not None:
+            parts.append(f"a{knobs['alpha']:g}")
+        parts += [f"lr{self.lr:g}", f"s{self.seed}"]
+        return "_".join(parts)
+
+    def describe(self) -> dict[str, Any]:
+        """Flat description stored with the cell's result row."""
+        knobs = dict(self.knobs)
+        return {
+            "cell_id": self.cell_id,
+            "dataset": self.dataset,
+            "method": self.method,
+            "r": self.r,
+            "variant": self.variant,
+            "label": self.adapter_spec.label(),
+            "activation": knobs.get("activation", "silu") if self.method == "nora" else "identity",
+            "granularity": knobs.get("granularity", "weight") if self.method == "nora" else "weight",
+            "dropout": knobs.get("dropout"),
+            "lr": self.lr,
+            "seed": self.seed,
+        }
+
+
+def _freeze(d: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+def _unfreeze(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing and validation
+# ---------------------------------------------------------------------------------------------------------------
+_TOP_KEYS = {f for f in StudySpec.__dataclass_fields__}
+
+
+def _fail(where: str, problem: str, fix: str) -> None:
+    raise ValueError(f"Study spec {where}: {problem}. {fix}")
+
+
+def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
+    """Validate a spec dict (from YAML) and return a :class:`StudySpec`; errors name the key and the fix."""
+    if not isinstance(raw, dict):
+        _fail(where, f"must be a mapping, got {type(raw).__name__}", "Write the spec as YAML keys (see docs/study.md).")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        _fail(where, f"unknown key(s) {sorted(unknown)}", f"Valid keys: {sorted(_TOP_KEYS)}.")
+    if not raw.get("name"):
+        _fail(where, "has no 'name'", "Add `name: my-study` (used for the default output dir).")
+    datasets = []
+    for i, d in enumerate(raw.get("datasets") or []):
+        if isinstance(d, str):
+            d = {"name": Path(d).stem if "/" in d else d, "data": d}
+        if not isinstance(d, dict) or "data" not in d:
+            _fail(where, f"datasets[{i}] = {d!r} has no 'data'", "Use `- {name: gsm8k, data: gsm8k}` or a string.")
+        datasets.append(
+            Dataset(name=str(d.get("name") or d["data"]), data=str(d["data"]), options=d.get("options") or {})
+        )
+    if not datasets:
+        _fail(where, "lists no datasets", "Add `datasets: [reasoning]` (or gsm8k, slimorca, mathinstruct, a file).")
+    if len({d.name for d in datasets}) != len(datasets):
+        _fail(where, "has two datasets with the same name", "Give each dataset a distinct `name`.")
+    methods = list(raw.get("methods") or ["lora", "rslora", "nora"])
+    for m in methods:
+        if m not in METHODS:
+            _fail(where, f"method {m!r} is unknown", f"Choose from {METHODS}.")
+    ranks = [int(r) for r in raw.get("ranks") or [8]]
+    if any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
+        _fail(where, f"ranks {ranks} must be distinct positive integers", "E.g. `ranks: [16, 64, 128, 512]`.")
+    seeds = [int(s) for s in raw.get("seeds") or [0]]
+    if len(set(seeds)) != len(seeds):
+        _fail(where, f"seeds {seeds} repeat", "List each seed once.")
+    lr_raw = raw.get("lr") or {}
+    if isinstance(lr_raw, (int, float, list)):
+        lr_raw = {m: lr_raw for m in methods}
+    lr = {}
+    for m in methods:
+        grid = lr_raw.get(m, lr_raw.get("default"))
+        if grid is None:
+            _fail(where, f"has no learning-rate grid for method {m!r}", f"Add `lr: {{{m}: [1e-4, 3e-4]}}`.")
+        grid = [float(x) for x in (grid if isinstance(grid, list) else [grid])]
+        if not grid or any(not (x > 0) for x in grid):
+            _fail(where, f"lr grid of {m!r} is {grid}", "Use positive learning rates.")
+        lr[m] = grid
+    adapter = dict(raw.get("adapter") or {})
+    bad = set(adapter) - {"dropout", "alpha", "target_modules", "extra"}
+    if bad:
+        _fail(
+            where,
+            f"adapter has key(s) {sorted(bad)} that are not shared by every method",
+            "Put NoRA-only knobs (activation, granularity, scaling) under ablations.variants.",
+        )
+    abl_raw = raw.get("ablations") or {}
+    ablations = Ablations(rank=abl_raw.get("rank"), variants=dict(abl_raw.get("variants") or {}))
+    if ablations.variants:
+        if "nora" not in methods:
+            _fail(where, "has ablations but 'nora' is not among the methods", "Add nora to methods.")
+        if ablations.rank is None:
+            _fail(where, "ablations have no 'rank'", "Add `ablations: {rank: 128, ...}`.")
+        for name, knobs in ablations.variants.items():
+            if not isinstance(knobs, dict) or set(knobs) - set(ABLATION_KNOBS):
+                _fail(where, f"ablation variant {name!r} = {knobs!r}", f"Use a mapping of knobs from {ABLATION_KNOBS}.")
+            AdapterSpec(method="nora", r=int(ablations.rank), **{**adapter, **knobs})  # validates values
+    spec = StudySpec(
+        name=str(raw["name"]),
+        model=raw.get("model"),
+        datasets=datasets,
+        methods=methods,
+        ranks=ranks,
+        seeds=seeds,
+        lr=lr,
+        adapter=adapter,
+        ablations=ablations,
+        train=dict(raw.get("train") or {}),
+        eval=dict(raw.get("eval") or {}),
+        latency=dict(raw.get("latency") or {}),
+        verdict=dict(raw.get("verdict") or {}),
+        notes=list(raw.get("notes") or []),
+        description=str(raw.get("description") or ""),
+    )
+    for key in ("adapter", "output_dir", "lr", "seed", "data", "data_options", "model"):
+        if key in spec.train:
+            _fail(where, f"train.{key} is set per cell by the study", f"Remove train.{key}; use the spec's top level.")
+    nora_r, lora_r = spec.verdict_ranks()
+    for r in (nora_r, lora_r):
+        if r not in ranks:
+            _fail(where, f"verdict rank {r} is not among ranks {ranks}", "Fix verdict.nora_rank / verdict.lora_rank.")
+    return spec
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("nora_peft.study") / "presets" / f"{name}.yaml"))
+
+
+def load_spec(path_or_preset: str | Path) -> StudySpec:
+    """A spec from a YAML file, or a preset name (``demo``, ``paper``)."""
+    p = Path(path_or_preset)
+    if str(path_or_preset) in PRESETS and not p.exists():
+        p = preset_path(str(path_or_preset))
+    if not p.exists():
+        raise FileNotFoundError(
+            f"No study spec {path_or_preset!r}: pass a YAML file or a preset name ({', '.join(PRESETS)})."
+        )
+    with open(p) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"Study spec {p} is not valid YAML: {e}") from None
+    return parse_spec(raw, where=str(p))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cells
+# ---------------------------------------------------------------------------------------------------------------
+def expand_cells(spec: StudySpec) -> list[Cell]:
+    """Every cell of the study in a deterministic order: per dataset, the main sweep (method x rank x lr x seed)
+    then the ablation variants (NoRA's lr grid). Duplicates (same cell id) are kept once, first name wins."""
+    cells: dict[str, Cell] = {}
+    shared = dict(spec.adapter)
+
+    def add(ds: Dataset, method: str, r: int, variant: str, knobs: dict[str, Any]) -> None:
+        full = {**shared, **knobs}
+        full.setdefault("dropout", AdapterSpec().dropout)
+        if method == "nora":  # a knob at its default value does not make a different cell
+            defaults = AdapterSpec(method="nora", r=r)
+            full = {
+                k: v for k, v in full.items() if k == "dropout" or k not in ABLATION_KNOBS or getattr(defaults, k) != v
+            }
+        for lr in spec.lr[method]:
+            for seed in spec.seeds:
+                c = Cell(ds.name, ds.data, _freeze(ds.options), method, r, variant, _freeze(full), lr, seed)
+                cells.setdefault(c.cell_id, c)
+
+    for ds in spec.datasets:
+        for method in spec.methods:
+            for r in spec.ranks:
+                add(ds, method, r, "default", {})
+        for name, knobs in spec.ablations.variants.items():
+            add(ds, "nora", int(spec.ablations.rank), name, dict(knobs))
+    return list(cells.values())
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with 0 <= i < n; ``None`` -> ``(0, 1)``."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r} must look like i/n, e.g. 0/4 (shard i of n, counting from 0).") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n (e.g. 0/4 .. 3/4).")
+    return i, n
+
+
+def shard_cells(cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
+    """The cells of shard ``i`` of ``n``: every n-th cell starting at i (deterministic; each cell in exactly one)."""
+    i, n = shard
+    return [c for k, c in enumerate(cells) if k % n == i]
