@@ -329,6 +329,27 @@ def _multi_adapter_model(base: nn.Module, spec: AdapterSpec, n: int) -> tuple[nn
     return model.eval(), names
 
 
+def _engine_model(base: nn.Module, nora: nn.Module, names: list[str]) -> tuple[nn.Module, Any]:
+    """A copy of ``base`` with ``nora``'s adapters in a serving ``AdapterPool`` (the ``nora serve`` path)."""
+    from .layer import NoraLayer
+    from .serve.adapters import AdapterWeights
+    from .serve.engine import AdapterPool
+
+    model = copy.deepcopy(base)
+    pool = AdapterPool(model, capacity=len(names))
+    layers = [(n.removeprefix("base_model.model."), m) for n, m in nora.named_modules() if isinstance(m, NoraLayer)]
+    for name in names:
+        adapter = AdapterWeights(name=name, path="", method="nora", activation=layers[0][1].nora_activation[name])
+        for module, layer in layers:
+            adapter.modules[module] = (
+                layer.nora_up[name].weight.detach(),
+                layer.nora_down[name].weight.detach(),
+                layer.scaling[name],
+            )
+        pool.add(adapter)
+    return model, pool
+
+
 def bench_mixed(
     *,
     n_adapters: tuple[int, ...] = (1, 8, 32, 128),
@@ -352,11 +373,22 @@ def bench_mixed(
     for n in n_adapters:
         batch = max(batch_size, n)
         ids = _ids(batch, seq_len, base.config.vocab_size, device)
+        targets = targets or ALL_LINEAR
         nora, names = _multi_adapter_model(
             base, AdapterSpec(method="nora", r=r, target_modules=targets, extra={"init_weights": False}), n
         )
         lora, _ = _multi_adapter_model(base, AdapterSpec(method="lora", r=r, target_modules=targets), n)
         row_names = [names[i % n] for i in range(batch)]
+        served, pool = _engine_model(base, nora, names)
+        row_slots = torch.tensor([pool.slots[name] for name in row_names], device=device)
+
+        def serve_fwd(served: nn.Module = served, pool: Any = pool, row_slots=row_slots, ids=ids) -> None:
+            pool.index = row_slots
+            try:
+                with torch.inference_mode():
+                    served(input_ids=ids)
+            finally:
+                pool.index = None
 
         def fwd(m: nn.Module, adapter_names: list[str] | None = None, ids: torch.Tensor = ids) -> Callable[[], Any]:
             def run() -> None:
@@ -372,13 +404,14 @@ def bench_mixed(
             "base": fwd(base),
             "nora_one": fwd(nora),
             "nora_mixed": fwd(nora, row_names),
+            "serve_mixed": serve_fwd,
             "lora_one": fwd(lora),
             "lora_peft_loop": fwd(lora, row_names),
         }
         _log(f"mixed n_adapters={n} batch={batch} seq={seq_len} hidden={hidden}: {repeats} alternating repeats")
         times = alternate(fns, repeats=repeats, warmup=warmup, device=device)
         ms = {k: _median_ms(v) for k, v in times.items()}
-        over = {k: ms[k] - ms["base"] for k in ms if k != "base"}
+        over = {k: _median_ms([a - b for a, b in zip(times[k], times["base"])]) for k in ms if k != "base"}
         rows.append(
             {
                 "n_adapters": n,
@@ -390,12 +423,14 @@ def bench_mixed(
                 "overhead_ms": over,
                 "overhead_ratio_mixed_over_one": over["nora_mixed"] / over["nora_one"],
                 "overhead_ratio_mixed_over_peft_loop": over["nora_mixed"] / over["lora_peft_loop"],
+                "overhead_ratio_serve_mixed_over_one": over["serve_mixed"] / over["nora_one"],
+                "overhead_ratio_serve_mixed_over_peft_loop": over["serve_mixed"] / over["lora_peft_loop"],
                 "throughput_ratio_mixed_over_base": ms["base"] / ms["nora_mixed"],
                 "throughput_ratio_mixed_over_one": ms["nora_one"] / ms["nora_mixed"],
                 "throughput_ratio_mixed_over_peft_loop": ms["lora_peft_loop"] / ms["nora_mixed"],
             }
         )
-        del nora, lora
+        del nora, lora, served
     return rows
 
 
@@ -425,15 +460,18 @@ def _print_tables(results: dict) -> None:
             continue
         print(f"\n{key}: adapter overhead = time - base time (ms); ratios of overheads / of throughputs")
         print(
-            f"{'n':>4} {'rows':>4} {'base':>7} {'one':>7} {'mixed':>7} {'peft':>7} "
-            f"{'mix/one':>8} {'mix/peft':>8} {'thr mix/base':>12} {'thr mix/peft':>12}"
+            f"{'n':>4} {'rows':>4} {'base':>7} {'one':>7} {'mixed':>7} {'serve':>7} {'peft':>7} "
+            f"{'mix/one':>8} {'mix/peft':>8} {'srv/one':>8} {'srv/peft':>8} {'thr mix/base':>12} {'thr mix/peft':>12}"
         )
         for row in results[key]:
             o = row["overhead_ms"]
             print(
                 f"{row['n_adapters']:>4} {row['batch_size']:>4} {row['ms']['base']:>7.1f} {o['nora_one']:>7.2f} "
-                f"{o['nora_mixed']:>7.2f} {o['lora_peft_loop']:>7.2f} {row['overhead_ratio_mixed_over_one']:>8.3f} "
-                f"{row['overhead_ratio_mixed_over_peft_loop']:>8.3f} {row['throughput_ratio_mixed_over_base']:>12.3f} "
+                f"{o['nora_mixed']:>7.2f} {o['serve_mixed']:>7.2f} {o['lora_peft_loop']:>7.2f} "
+                f"{row['overhead_ratio_mixed_over_one']:>8.3f} {row['overhead_ratio_mixed_over_peft_loop']:>8.3f} "
+                f"{row['overhead_ratio_serve_mixed_over_one']:>8.3f} "
+                f"{row['overhead_ratio_serve_mixed_over_peft_loop']:>8.3f} "
+                f"{row['throughput_ratio_mixed_over_base']:>12.3f} "
                 f"{row['throughput_ratio_mixed_over_peft_loop']:>12.3f}"
             )
 
@@ -498,7 +536,7 @@ def run(args: argparse.Namespace) -> dict:
             device=device,
         )
     if "mixed" in what:
-        common = {"repeats": rep or (2 if q else 10), "warmup": 1 if q else 2, "device": device}
+        common = {"repeats": rep or (2 if q else 20), "warmup": 1 if q else 2, "device": device}
         results["mixed"] = bench_mixed(
             n_adapters=(1, 4) if q else (1, 8, 32, 128),
             batch_size=4 if q else 32,
@@ -518,7 +556,7 @@ def run(args: argparse.Namespace) -> dict:
                     seq_len=16,
                     hidden=args.large_hidden,
                     layers=4,
-                    repeats=rep or 5,
+                    repeats=rep or 7,
                     warmup=1,
                     device=device,
                 )

@@ -213,15 +213,20 @@ class Linear(nn.Module, NoraLayer):
         x = self._adapter_input(args, kwargs)
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
-        names = [n for n in self.nora_up if n not in self.merged_adapters]
+        up_modules, down_modules = self.nora_up._modules, self.nora_down._modules
+        names = [n for n in up_modules if n not in self.merged_adapters]
         if not names:
             return result
-        ups = [self.nora_up[n].weight for n in names]
-        downs = [self.nora_down[n].weight for n in names]
-        key = tuple(
-            (n, u.data_ptr(), u._version, d.data_ptr(), d._version, u.dtype, str(u.device), self.scaling[n])
-            + (self.nora_activation[n],)
-            for n, u, d in zip(names, ups, downs)
+        ups = [up_modules[n]._parameters["weight"] for n in names]
+        downs = [down_modules[n]._parameters["weight"] for n in names]
+        params = ups + downs
+        scaling, activation = self.scaling, self.nora_activation
+        key = (
+            names,
+            [p.data_ptr() for p in params],
+            [p._version for p in params],
+            [p.dtype for p in params],
+            [(scaling[n], activation[n]) for n in names],
         )
         cached = self.__dict__.get("_nora_mixed_cache")
         if cached is None or cached[0] != key:

@@ -21,6 +21,7 @@ one kind (the common case) does no masking at all. Grouping rows per kind instea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,9 +54,17 @@ class StackedAdapters:
         return self.up.shape[0] - 1
 
     def index(self, row_names: Sequence[str | None], device: torch.device | str | None = None) -> torch.Tensor:
-        """Per-row slot indices for adapter names; names not in the stack (``None``, ``"__base__"``) get ``-1``."""
-        slot = {n: i for i, n in enumerate(self.names)}
-        return torch.tensor([slot.get(n, -1) for n in row_names], dtype=torch.long, device=device or self.up.device)
+        """Per-row slot indices for adapter names; names not in the stack (``None``, ``"__base__"``) get ``-1``.
+
+        Cached on (stack names, row names, device): the layers of one model share the result within a forward.
+        """
+        return _row_index(self.names, tuple(row_names), torch.device(device or self.up.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _row_index(names: tuple[str, ...], row_names: tuple, device: torch.device) -> torch.Tensor:
+    slot = {n: i for i, n in enumerate(names)}
+    return torch.tensor([slot.get(n, -1) for n in row_names], dtype=torch.long, device=device)
 
 
 def stack_adapters(
@@ -111,16 +120,20 @@ def mixed_delta(x: torch.Tensor, stacked: StackedAdapters, index: torch.Tensor) 
         raise ValueError(f"index must have one entry per batch row: shape ({x.shape[0]},), got {tuple(index.shape)}.")
     batch, k = x.shape[0], x.shape[-1]
     x3 = x.reshape(batch, -1, k).to(stacked.up.dtype)
-    idx = torch.where(index < 0, torch.full_like(index, stacked.none_slot), index)
-    z = torch.bmm(x3, stacked.up[idx].transpose(1, 2))  # shrink: (B, T, r_max)
-    a = _activate(z, stacked.kind[idx], stacked.kinds)
-    out = torch.bmm(a, stacked.down[idx].transpose(1, 2))  # expand: (B, T, d), scaling already folded in
+    idx = torch.remainder(index, stacked.up.shape[0])  # -1 -> the trailing all-zero slot
+    z = torch.bmm(x3, stacked.up.index_select(0, idx).transpose(1, 2))  # shrink: (B, T, r_max)
+    a = _activate(z, stacked, idx)
+    out = torch.bmm(a, stacked.down.index_select(0, idx).transpose(1, 2))  # expand: (B, T, d), scaling folded in
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _activate(z: torch.Tensor, row_kind: torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
+def _activate(z: torch.Tensor, stacked: StackedAdapters, idx: torch.Tensor) -> torch.Tensor:
     """Apply each row's activation; one kind -> no mask, several -> one ``where`` per extra kind."""
+    kinds = stacked.kinds
     out = activation_fn(kinds[0])(z)
+    if len(kinds) == 1:
+        return out
+    row_kind = stacked.kind.index_select(0, idx)
     for j, name in enumerate(kinds[1:], start=1):
         out = torch.where((row_kind == j).view(-1, 1, 1), activation_fn(name)(z), out)
     return out
