@@ -39,7 +39,9 @@ def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[Any
         from ..base import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(None)
-        name = "nora-base"
+        from ..base import DEFAULT_BASE_NAME
+
+        name = DEFAULT_BASE_NAME
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
