@@ -64,7 +64,7 @@ class TrainConfig:
     output_dir: str = ""  # "" -> runs/<data>-<adapter label>-s<seed>
     lr: float = 2e-4
     epochs: float = 1.0
-    max_steps: int = 150  # >0 overrides epochs; -1: train for `epochs`
+    max_steps: int = -1  # >0 overrides epochs; -1: train for `epochs`
     batch_size: int = 8  # per device
     grad_accum: int = 1
     max_length: int = 256  # tokens of prompt + response; longer responses are truncated, too-long prompts dropped
@@ -247,17 +247,13 @@ def load_splits(cfg: TrainConfig) -> dict[str, list[dict[str, Any]]]:
     return splits
 
 
-def tokenize_split(records: list[dict[str, Any]], tokenizer, cfg: TrainConfig, split: str):
-    """``build_lm_dataset`` with response-only labels; a clear error when nothing fits ``max_length``."""
+def tokenize_split(records: list[dict[str, Any]], tokenizer, cfg: TrainConfig):
+    """``build_lm_dataset`` with response-only labels (it raises, naming the fix, when no prompt fits
+    ``max_length``); the ``id`` column is dropped for the Trainer."""
     from .data import build_lm_dataset
 
     dataset, stats = build_lm_dataset(records, tokenizer, max_length=cfg.max_length, response_only=True)
-    if len(dataset) == 0:
-        raise ValueError(
-            f"No {split} example fits max_length={cfg.max_length} tokens: every prompt is longer "
-            f"({stats}). Raise --max-length."
-        )
-    return dataset.remove_columns([c for c in dataset.column_names if c == "id"]), stats
+    return dataset.remove_columns(["id"]), stats
 
 
 def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
@@ -463,12 +459,12 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=_dtype(precision))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_ds, train_stats = tokenize_split(splits["train"], tokenizer, cfg, "train")
+    train_ds, train_stats = tokenize_split(splits["train"], tokenizer, cfg)
     eval_ds = None
     if cfg.eval_steps:
         if not splits["validation"]:
             raise ValueError("eval_steps is set but the validation split is empty; raise --val-size or unset it.")
-        eval_ds, _ = tokenize_split(splits["validation"], tokenizer, cfg, "validation")
+        eval_ds, _ = tokenize_split(splits["validation"], tokenizer, cfg)
     set_seed(cfg.seed)  # adapter init does not depend on how much randomness data loading used
     model = build_peft_model(model, cfg.adapter)
     for p in model.parameters():  # adapters train in fp32 even on a bf16/fp16 base (autocast does the rest)
@@ -616,7 +612,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--target-modules": ("adapter.target_modules", dict(type=_targets, help="comma list, regex or all-linear")),
     "--lr": ("lr", dict(type=float, help="peak learning rate (default 2e-4)")),
     "--epochs": ("epochs", dict(type=float, help="epochs when --max-steps is -1")),
-    "--max-steps": ("max_steps", dict(type=int, help="optimizer steps (default 150; -1: use --epochs)")),
+    "--max-steps": ("max_steps", dict(type=int, help="optimizer steps; overrides --epochs (default -1: use --epochs)")),
     "--batch-size": ("batch_size", dict(type=int, help="per-device batch size (default 8)")),
     "--grad-accum": ("grad_accum", dict(type=int, help="gradient accumulation steps (default 1)")),
     "--max-length": ("max_length", dict(type=int, help="max tokens of prompt + response (default 256)")),
