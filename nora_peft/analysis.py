@@ -524,7 +524,8 @@ def main(args: argparse.Namespace) -> int:
         if args.samples > 0:
             from .data import load_source
 
-            texts = [r["prompt"] + r["response"] for r in list(load_source("reasoning"))[: args.samples]]
+            recs = next(iter(load_source("reasoning", n=args.samples).values()))
+            texts = [r["prompt"] + r["response"] for r in recs[: args.samples]]
         result = analyze_adapter_dir(path, model=args.model, texts=texts, max_length=args.max_length or 256)
         where = path
     else:

@@ -32,6 +32,18 @@ def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def _end_torn_line(path: Path) -> None:
+    """If a crash left a partial last line (no newline), end it so the next append starts a fresh line; the torn
+    line itself is skipped by ``read_jsonl``."""
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+        if last != b"\n":
+            with open(path, "ab") as f:
+                f.write(b"\n")
+
+
 def train_config(spec: StudySpec, cell: Cell, run_dir: Path):
     """The ``TrainConfig`` of one cell: the spec's shared budget + the cell's data, adapter, lr and seed."""
     from ..train import TrainConfig
@@ -173,6 +185,7 @@ def run_study(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_out_dir(spec, out_dir)
+    _end_torn_line(out_dir / RESULTS)
     cells = expand_cells(spec)
     mine = shard_cells(cells, shard)
     done_ids = {r["cell_id"] for r in read_results(out_dir)}

@@ -1,0 +1,48 @@
+"""The report from synthetic results: files exist, numbers equal results.jsonl, the ceiling sentence appears."""
+
+from __future__ import annotations
+
+from nora_peft.io import append_jsonl, read_json
+from nora_peft.study.report import write_report
+from nora_peft.study.runner import read_results
+
+from .synthetic import small_spec, synthetic_rows
+
+
+def _write(tmp_path, spec, ppl, er=None):
+    for row in synthetic_rows(spec, ppl, er):
+        append_jsonl(tmp_path / "results.jsonl", row)
+    return write_report(spec, tmp_path, log=lambda m: None)
+
+
+def test_report_numbers_match_results(tmp_path):
+    spec = small_spec()
+
+    def ppl(c):
+        v = {"lora": 10.0, "rslora": 9.5, "nora": 9.0}[c.method] - 0.1 * c.r**0.5 + 0.037 * c.seed + c.lr * 10
+        return v + 0.01, v
+
+    path = _write(tmp_path, spec, ppl, lambda c: 0.5 * c.r)
+    text = path.read_text()
+    rows = read_results(tmp_path)
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| reasoning_")}
+    assert set(lines) == {r["cell_id"] for r in rows}  # one line per cell, no more
+    for r in rows:
+        assert f"{r['test_ppl']:.3f}" in lines[r["cell_id"]] and f"{r['val_ppl']:.3f}" in lines[r["cell_id"]]
+    # the scaling table shows mean +- CI over the 3 seeds at the validation-selected lr
+    import numpy as np
+
+    sel = [r for r in rows if r["method"] == "nora" and r["r"] == 32 and r["variant"] == "default"]
+    assert f"{np.mean([r['test_ppl'] for r in sel]):.3f} ± " in text
+    for name in ("scaling_reasoning.png", "effective_rank_output_reasoning.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 1000
+        assert f"figures/{name}" in text
+    verdicts = read_json(tmp_path / "verdicts.json")
+    assert {v["claim"][:3] for v in verdicts} == {"(1)", "(2)", "(3)", "(4)", "(5)"}
+    assert "## Verdicts" in text and "Table 2" in text
+
+
+def test_report_says_when_the_demo_cannot_test_a_ceiling(tmp_path):
+    spec = small_spec(seeds=[0, 1])
+    path = _write(tmp_path, spec, lambda c: (9.0 + 0.3 * c.seed * (-1) ** c.r, 9.0 + 0.3 * c.seed * (-1) ** (c.r // 2)))
+    assert "this demo cannot test a linear ceiling" in path.read_text()
