@@ -74,10 +74,20 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 def format_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt for a chat: the tokenizer's chat template if it has one, else ``role: content`` lines."""
+    """The prompt for a chat: the tokenizer's chat template if it has one, else the plain template adapters are
+    trained with (``nora_peft.data.formatting.PLAIN_TEMPLATE`` per user turn; system text and earlier assistant
+    replies as plain paragraphs)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    from ..data.formatting import PLAIN_TEMPLATE
+
+    parts = []
+    for m in messages:
+        if m["role"] in ("user", "tool"):
+            parts.append(PLAIN_TEMPLATE.format(prompt=m["content"]))
+        else:  # system / developer / assistant
+            parts.append(m["content"] + "\n\n")
+    return "".join(parts)
 
 
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:

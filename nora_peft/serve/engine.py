@@ -189,6 +189,7 @@ class Engine:
         max_prompt_tokens: int | None = None,
         base_name: str = "base",
         allow_external_paths: bool = False,
+        add_bos: bool | None = None,
     ) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
@@ -204,6 +205,13 @@ class Engine:
         ctx = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_len = int(ctx)
         self.max_prompt_tokens = int(max_prompt_tokens or self.context_len - 1)
+        # like training (nora_peft.data.formatting): text prompts start with BOS when the tokenizer has one and no
+        # chat template, unless the tokenizer already adds it
+        self.add_bos = (
+            (tokenizer.bos_token_id is not None and not getattr(tokenizer, "chat_template", None))
+            if (add_bos is None)
+            else add_bos
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -306,7 +314,12 @@ class Engine:
         return name
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, list):
+            ids = list(prompt)
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+            if self.add_bos and (not ids or ids[0] != self.tokenizer.bos_token_id):
+                ids = [self.tokenizer.bos_token_id, *ids]
         if not ids:
             raise AdapterError("prompt is empty; send at least one token.", param="prompt")
         if len(ids) > self.max_prompt_tokens:

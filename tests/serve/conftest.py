@@ -62,7 +62,7 @@ def offline_greedy(base: torch.nn.Module, tokenizer, adapter_dir: Path | None, p
     model = copy.deepcopy(base)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir)).to(torch.float64)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]]])  # BOS first, as in training
     with torch.no_grad():
         out = model.eval().generate(
             input_ids=ids,

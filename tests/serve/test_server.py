@@ -157,7 +157,7 @@ def test_bad_input_gets_clear_errors_and_server_survives(server, serve_env):
     err(httpx.post(f"{url}/v1/completions", json={"model": "base"}, timeout=30), 400, "prompt")
     err(complete(url, "base", "the cat", max_tokens="lots"), 400, "max_tokens")
     err(complete(url, "base", "the cat", temperature=-1), 400, "temperature")
-    err(complete(url, "base", " ".join(["cat"] * 80)), 400, "prompt", "80 tokens")
+    err(complete(url, "base", " ".join(["cat"] * 80)), 400, "prompt", "81 tokens", "limit of 63")
     err(complete(url, "base", "the cat", max_tokens=200), 400, "max_tokens")
     chat = {"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}
     err(httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30), 400, "messages.0.role")
