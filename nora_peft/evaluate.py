@@ -201,7 +201,8 @@ def score_logistic(records: list[dict[str, Any]], predictions: list[str], *, tol
     For step index ``i`` the error is the mean over records of ``|pred_i - true_i|`` (records whose prediction has
     no step ``i`` count in ``missing_per_step`` instead). A record *collapses* when at some step ``i >= 1`` the
     prediction repeats its previous value (``|pred_i - pred_{i-1}| <= tol``) while the true orbit does not; we report
-    the fraction of records that collapse, and the mean first step where they do.
+    the fraction of records that collapse, and the mean first step where they do (1-based: step 2 means ``x2``
+    repeated ``x1``). ``abs_error_per_step[0]`` is the error of ``x1``.
     """
     from .data import answers_match, extract_answer, parse_logistic_steps
 
@@ -221,7 +222,7 @@ def score_logistic(records: list[dict[str, Any]], predictions: list[str], *, tol
                 missing[i] += 1
         for i in range(1, min(len(pred), len(gold))):
             if abs(pred[i] - pred[i - 1]) <= tol and abs(gold[i] - gold[i - 1]) > tol:
-                collapsed_at.append(i)
+                collapsed_at.append(i + 1)
                 break
         if rec.get("answer") is not None:
             n_answer += 1

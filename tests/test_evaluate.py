@@ -1,0 +1,249 @@
+"""``nora eval``: perplexity against a per-token reference, batched generation, answer and logistic-map scoring,
+run dirs, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from nora_peft import evaluate as ev
+from nora_peft.data import build_lm_dataset, format_example, format_prompt, logistic_map_problems
+from nora_peft.io import read_json, write_json_atomic
+from nora_peft.train import train
+from tests.test_train import make_tiny_model_dir, small_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_eval"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """A NoRA and a LoRA run on the reasoning mix (arithmetic + logistic-map records)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval_runs")
+    out = {}
+    for method in ("nora", "lora"):
+        adapter = {"method": method, "r": 4}
+        cfg = small_config(tiny, root / method, data="reasoning", data_options={"n": 60}, max_steps=3, adapter=adapter)
+        out[method] = train(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(runs):
+    return ev.load_run(runs["nora"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------------------------
+def _reference_nll(model, dataset) -> tuple[float, int]:
+    """Sum of -log p over labelled tokens, one unpadded example at a time, log-softmax in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+            logp = torch.log_softmax(logits, dim=-1)
+            for t in range(1, len(ids)):
+                if labels[t] != -100:
+                    total -= logp[t - 1, labels[t]].item()
+                    count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("response_only", [True, False])
+def test_perplexity_matches_per_token_reference(loaded, response_only):
+    model, tokenizer, cfg, splits = loaded
+    records = splits["test"][:5]
+    got = ev.perplexity(model, tokenizer, records, max_length=cfg.max_length, batch_size=3, response_only=response_only)
+    dataset, _ = build_lm_dataset(records, tokenizer, max_length=cfg.max_length, response_only=response_only)
+    total, count = _reference_nll(model, dataset)
+    assert got["tokens"] == count
+    assert got["nll"] == pytest.approx(total / count, rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_response_only_counts_exactly_the_response_tokens(loaded):
+    model, tokenizer, _, splits = loaded
+    records = splits["test"][:4]
+    got = ev.perplexity(model, tokenizer, records, max_length=4096, batch_size=4)
+    # independent count: the response text (+ eos) tokenized on its own, every token after the prompt scored
+    expected = sum(
+        len(tokenizer(format_example(tokenizer, r)[1], add_special_tokens=False)["input_ids"]) for r in records
+    )
+    assert got["tokens"] == expected
+    full = ev.perplexity(model, tokenizer, records, max_length=4096, batch_size=4, response_only=False)
+    assert full["tokens"] > got["tokens"]
+
+
+def test_perplexity_does_not_depend_on_batch_size(loaded):
+    model, tokenizer, _, splits = loaded
+    a = ev.perplexity(model, tokenizer, splits["test"], batch_size=1)
+    b = ev.perplexity(model, tokenizer, splits["test"], batch_size=6)
+    assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+def test_prompt_ids_are_what_training_sees(loaded):
+    _, tokenizer, _, splits = loaded
+    rec = splits["test"][0]
+    ids = ev.prompt_ids(tokenizer, [rec])[0]
+    expected = [tokenizer.bos_token_id] + tokenizer(format_prompt(tokenizer, rec["prompt"]), add_special_tokens=False)[
+        "input_ids"
+    ]
+    assert ids == expected
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(loaded):
+    model, tokenizer, _, splits = loaded
+    records = splits["test"][:5]  # prompts of different lengths -> real left padding
+    assert len({len(p) for p in ev.prompt_ids(tokenizer, records)}) > 1
+    batched = ev.generate(model, tokenizer, records, max_new_tokens=10, batch_size=5)
+    single = [ev.generate(model, tokenizer, [r], max_new_tokens=10, batch_size=1)[0] for r in records]
+    assert batched == single
+    assert tokenizer.padding_side == "right"  # left untouched for training
+
+
+def test_score_answers_exact_match():
+    records = [
+        {"id": "a", "answer": "42"},
+        {"id": "b", "answer": "7"},
+        {"id": "c", "answer": "1.5"},
+        {"id": "d", "answer": None},
+    ]
+    outputs = ["6 * 7 = 42\nThe answer is 42.", "The answer is 8.", "so 1.50\nThe answer is 1.50.", "anything"]
+    got = ev.score_answers(records, outputs)
+    assert (got["n"], got["correct"], got["accuracy"]) == (3, 2, pytest.approx(2 / 3))
+    assert got["examples"][1] == {"id": "b", "prediction": "8", "gold": "7", "output": "The answer is 8."}
+
+
+def test_generation_accuracy_scores_what_the_model_says(loaded, monkeypatch):
+    model, tokenizer, _, splits = loaded
+    records = [r for r in splits["test"] if r["answer"] is not None][:6]
+    # a model that answers the first half right (its reference response) and the rest wrong
+    fake = [r["response"] if i < 3 else "The answer is -1." for i, r in enumerate(records)]
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: fake)
+    got = ev.generation_accuracy(model, tokenizer, records)
+    assert (got["n"], got["correct"], got["accuracy"]) == (6, 3, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logistic map
+# ---------------------------------------------------------------------------------------------------------------
+def test_logistic_scoring_errors_and_collapse():
+    recs = [r for r in logistic_map_problems(40, seed=1) if r["steps"] == 4][:3]
+    gold = [[float(x.split("= ")[1]) for x in r["response"].splitlines()[:-1]] for r in recs]
+
+    def orbit_text(values):
+        return "\n".join(f"x{i + 1} = {v:.4f}" for i, v in enumerate(values)) + f"\nThe answer is {values[-1]:.4f}."
+
+    exact = ev.score_logistic(recs, [r["response"] for r in recs])
+    assert exact["mean_abs_error"] == 0 and exact["collapse_rate"] == 0 and exact["accuracy"] == 1
+
+    g = gold[0]
+    off = [g[0], g[1] + 0.1, g[2], g[3] - 0.2]  # wrong at x2 and x4, no repeats
+    stuck = [g[0], g[1], g[1], g[1]]  # x3 repeats x2 while the orbit moves on
+    short = g[:2]  # stops after x2
+    got = ev.score_logistic([recs[0]] * 3, [orbit_text(off), orbit_text(stuck), orbit_text(short)])
+    assert got["collapsed"] == 1 and got["collapse_rate"] == pytest.approx(1 / 3) and got["mean_collapse_step"] == 3
+    assert got["missing_per_step"][:4] == [0, 0, 1, 1]
+    # per-step error: mean over the predictions that have the step
+    assert got["abs_error_per_step"][0] == pytest.approx(0)
+    assert got["abs_error_per_step"][1] == pytest.approx(0.1 / 3, abs=1e-9)
+    assert got["abs_error_per_step"][2] == pytest.approx(abs(g[1] - g[2]) / 2, abs=1e-9)
+    assert got["abs_error_per_step"][3] == pytest.approx((0.2 + abs(g[1] - g[3])) / 2, abs=1e-9)
+    assert got["accuracy"] == 0  # none ends on the true final value
+    assert ev.is_logistic(recs[0]) and not ev.is_logistic({"id": "arith-0-1"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run dirs
+# ---------------------------------------------------------------------------------------------------------------
+def test_load_run_rebuilds_the_trained_splits(runs, loaded):
+    _, _, cfg, splits = loaded
+    saved = read_json(runs["nora"] / "splits.json")["ids"]
+    assert {k: [r["id"] for r in v] for k, v in splits.items()} == saved
+    assert cfg.adapter.method == "nora"
+
+
+def test_evaluate_run_writes_eval_json(runs, loaded):
+    run = runs["nora"]
+    result = ev.evaluate_run(run, split="test", max_examples=4, batch_size=4, max_new_tokens=8)
+    assert read_json(run / "eval_test.json") == json.loads(json.dumps(result, default=str))
+    model, tokenizer, cfg, splits = loaded
+    direct = ev.perplexity(model, tokenizer, splits["test"][:4], max_length=cfg.max_length)
+    assert result["ppl"] == pytest.approx(direct["ppl"], rel=1e-6) and result["tokens"] == direct["tokens"]
+    assert result["ppl_full"] < result["ppl"] * 10 and result["n"] == 4
+    kinds = {r["id"].split("-")[0] for r in splits["test"][:4]}
+    assert ("accuracy" in result) == bool(kinds & {"arith", "logistic"})
+    assert ("logistic" in result) == ("logistic" in kinds)
+    assert result["label"] == "nora-r4" and result["split"] == "test"
+    no_gen = ev.evaluate_run(run, split="validation", generate=False, max_examples=3)
+    assert "accuracy" not in no_gen and (run / "eval_validation.json").exists()
+
+
+def test_changed_data_is_detected(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(runs["lora"], run)
+    splits = read_json(run / "splits.json")
+    splits["ids"]["test"] = splits["ids"]["test"][::-1]
+    write_json_atomic(run / "splits.json", splits)
+    with pytest.raises(ValueError, match="differs from the one in splits.json"):
+        ev.load_run(run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+def test_cli_eval_run_model_adapter_and_base(runs, tiny, tmp_path, capsys):
+    from nora_peft.cli import main
+
+    assert main(["eval", "--run", str(runs["lora"]), "--max-examples", "3", "--no-generate"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n"] == 3 and (runs["lora"] / "eval_test.json").exists()
+
+    adapter = runs["nora"] / "adapter"
+    argv = ["eval", "--model", tiny, "--adapter", str(adapter), "--data", "arith", "--max-examples", "3"]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] is not None and (adapter / "eval_arith_test.json").exists()
+
+    out = tmp_path / "base.json"
+    assert (
+        main(["eval", "--model", tiny, "--data", "arith", "--max-examples", "3", "--no-generate", "--out", str(out)])
+        == 0
+    )
+    base = json.loads(capsys.readouterr().out)
+    assert read_json(out)["ppl"] == base["ppl"] and base["adapter"] is None
+    assert base["ppl"] != printed["ppl"]  # the adapter changed the model
+
+
+@pytest.mark.parametrize("method", ["nora", "lora"])
+def test_cli_eval_adapter_that_does_not_fit(runs, tmp_path, capsys, method):
+    from nora_peft.cli import main
+
+    wider = make_tiny_model_dir(tmp_path / "wider", hidden=48)
+    code = main(["eval", "--model", wider, "--adapter", str(runs[method] / "adapter"), "--data", "arith",
+                 "--max-examples", "2", "--no-generate"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "does not fit base model" in err and "Load it onto the base model it was trained on" in err
+    assert "48" in err and "32" in err  # both shapes named
+    assert "Traceback" not in err
