@@ -10,7 +10,7 @@ Run dir (see DESIGN.md)::
     splits.json          data description: ids per split, tokenisation stats (kept / truncated / dropped)
     metrics.jsonl        every Trainer log line (loss, lr, grad norm, tokens/s, eval loss), appended
     checkpoints/checkpoint-N/   Trainer checkpoints (adapter, optimizer, scheduler, RNG) every save_steps
-    adapter/             peft save_pretrained of the final adapter
+    adapter/             peft save_pretrained of the final adapter (+ the tokenizer, via Trainer.save_model)
     train_summary.json   written last, atomically: its presence means the run finished
 
 Because it is ``transformers.Trainer``, ``torchrun --nproc_per_node N -m nora_peft.cli train ...`` and
@@ -336,10 +336,15 @@ def _trainer_classes():
             super().log(logs, start_time)
 
     class MetricsFile(TrainerCallback):
-        """Append every log line (with its step) to ``metrics.jsonl`` (main process only)."""
+        """Append every log line (with its step) to ``metrics.jsonl`` (main process only); always log the last
+        step, so the final loss is on record whatever ``logging_steps`` is."""
 
         def __init__(self, path: Path) -> None:
             self.path = path
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
@@ -505,11 +510,13 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     trainer.remove_callback(PrinterCallback)
     if cfg.progress:
         trainer.add_callback(Progress())
+    parallel = "fsdp" if trainer.is_fsdp_enabled else "ddp" if state.num_processes > 1 else "none"
     if main:
         print(
             f"nora train: {cfg.adapter.label()} on {cfg.model or 'embedded base'} | data {cfg.data} "
             f"({len(train_ds)} train examples, {train_stats}) | trainable {params['trainable']:,} of "
-            f"{params['total']:,} params | {precision} | {args.device} x{state.num_processes} -> {run_dir}",
+            f"{params['total']:,} params | {precision} | {args.device} x{state.num_processes} ({parallel}) "
+            f"-> {run_dir}",
             file=sys.stderr,
         )
 
@@ -520,8 +527,8 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - start
 
+    trainer.save_model(str(run_dir / "adapter"))  # every rank (FSDP gathers shards); the main process writes
     if main:
-        model.save_pretrained(str(run_dir / "adapter"))
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
         tokens = int(trainer.state.num_input_tokens_seen)
@@ -540,6 +547,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
             "total_params": params["total"],
             "precision": precision,
             "world_size": state.num_processes,
+            "parallel": parallel,
             "resumed_from": resume_from.name if resume_from else None,
         }
         write_json_atomic(run_dir / "train_summary.json", summary)
@@ -639,6 +647,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/JSON file of TrainConfig fields; flags given here override it")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)"
+    )
     for flag, (_, kwargs) in FLAGS.items():
         parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
@@ -660,6 +671,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         cfg = config_from_args(args)
         run_dir = train(cfg)
@@ -670,6 +685,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"nora train: {e}", file=sys.stderr)
         return 2
     summary = run_dir / "train_summary.json"
-    if summary.exists():
+    if summary.exists() and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run_dir": str(run_dir), **read_json(summary)}, indent=2))
     return 0
