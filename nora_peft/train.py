@@ -170,7 +170,10 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def check_run_dir(cfg: TrainConfig, run_dir: Path) -> str:
     """Decide what to do with ``run_dir`` before any work: ``"fresh"``, ``"resume"``, ``"done"`` (return it as is)
-    or ``"overwrite"``; raise ``FileExistsError`` naming the fix when it holds something else."""
+    or ``"overwrite"``; raise ``FileExistsError`` naming the fix when it holds something else.
+
+    ``resume`` may continue an *unfinished* run with changed settings (they are printed); a *finished* run is only
+    returned when its config equals the one asked for."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "fresh"
     config_path = run_dir / "config.json"
@@ -191,6 +194,11 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> str:
             "settings."
         )
     if finished:
+        if cfg.resume and changes:
+            raise FileExistsError(
+                f"Run {run_dir} already finished with another config ({'; '.join(changes)}); --resume would return "
+                "a run that is not the one asked for. Choose another --output-dir, or pass --overwrite to retrain."
+            )
         if cfg.resume:
             return "done"
         raise FileExistsError(
@@ -202,6 +210,8 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> str:
             f"Run {run_dir} has checkpoints of an unfinished run ({last_checkpoint(run_dir).name}). Pass --resume to "
             "continue it from there, or --overwrite to start over."
         )
+    if changes:
+        print(f"Resuming {run_dir} with changed settings: {'; '.join(changes)}", file=sys.stderr)
     return "resume" if cfg.resume else "fresh"
 
 

@@ -211,6 +211,8 @@ def test_finished_run_is_not_retrained(tiny_model, tmp_path):
         train(cfg)
     assert train(small_config(tiny_model, tmp_path / "run", max_steps=2, resume=True)) == run
     assert (run / "train_summary.json").stat().st_mtime_ns == stamp  # returned as is
+    with pytest.raises(FileExistsError, match=r"finished with another config.*max_steps: 2 -> 3"):
+        train(small_config(tiny_model, tmp_path / "run", max_steps=3, resume=True))
     train(small_config(tiny_model, tmp_path / "run", max_steps=2, overwrite=True))
     assert (run / "train_summary.json").stat().st_mtime_ns != stamp
 
