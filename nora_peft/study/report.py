@@ -781,6 +781,7 @@ def write_report(spec: StudySpec, out_dir: str | Path, log: Callable[[str], None
                         [
                             variant,
                             _knobs(g),
+                            _f(g.first.get("params")),
                             f"{g.lr:g}",
                             g.stat("val_ppl").fmt(),
                             g.stat("test_ppl").fmt(),
@@ -790,7 +791,18 @@ def write_report(spec: StudySpec, out_dir: str | Path, log: Callable[[str], None
             md += [
                 f"### {ds}: ablations at r={ra} (Table 2)",
                 "",
-                _table(["variant", "activation, granularity, dropout", "lr", "val PPL", "test PPL", "seeds"], ars),
+                _table(
+                    [
+                        "variant",
+                        "activation, granularity, dropout",
+                        "trainable params",
+                        "lr",
+                        "val PPL",
+                        "test PPL",
+                        "seeds",
+                    ],
+                    ars,
+                ),
                 "",
             ]
 
