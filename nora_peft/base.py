@@ -36,6 +36,7 @@ MODEL_SIZE = dict(
 
 
 def default_base_path() -> Path:
+    """Where the embedded default base lives: ``nora_peft.io.cache_dir() / DEFAULT_BASE_NAME``."""
     return cache_dir() / DEFAULT_BASE_NAME
 
 
@@ -228,6 +229,7 @@ def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: Any = No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``nora base``."""
     parser.add_argument("--out", default=None, help=f"output folder (default: {default_base_path()})")
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300)")
     parser.add_argument("--seed", type=int, default=0)
@@ -235,6 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``nora base``: build the base into ``--out`` (default: the cache) unless it is already there (``--force``)."""
     out = Path(args.out) if args.out else default_base_path()
     if (out / "build_info.json").exists() and not args.force:
         info = json.loads((out / "build_info.json").read_text())

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -40,15 +41,18 @@ def load_source(
     **options: Any,
 ) -> dict[str, list[dict]]:
     """The splits ``source`` natively has (``{"train": [...]}`` or with ``"test"``), as records."""
-    kind, _, path = source.partition(":") if source.split(":", 1)[0] in HUB_IDS else (source, "", "")
+    kind, _, path = source.partition(":") if source.split(":", 1)[0] in (*HUB_IDS, "svamp") else (source, "", "")
     path = options.pop("path", None) or path
     if kind in SYNTHETIC:
         n = options.pop("n", 2000 if limit is None else limit)
         splits = {"train": SYNTHETIC[kind](n=n, seed=seed, **options)}
     elif kind == "gsm8k":
         splits = _gsm8k(path or str(data_dir() / "gsm8k"))
+    elif kind == "svamp":
+        splits = {"train": _svamp(Path(path) if path else data_dir() / "svamp")}
     elif kind in ("slimorca", "mathinstruct"):
-        raw = _read_any(path or HUB_IDS[kind])
+        local = data_dir() / kind
+        raw = _read_any(path or (str(local) if local.exists() else HUB_IDS[kind]))
         fm = (
             {"conversations": "conversations"}
             if kind == "slimorca"
@@ -87,6 +91,26 @@ def _gsm8k(folder: str) -> dict[str, list[dict]]:
             )
         splits[split] = records
     return splits
+
+
+def _svamp(path: Path) -> list[dict]:
+    """SVAMP (``SVAMP.json``: Body, Question, Equation, Answer): response = the equation, then the answer line."""
+    file = path / "SVAMP.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"SVAMP not found at {file}; set NORA_DATA_DIR or pass `svamp:/path/to/SVAMP.json`.")
+    records = []
+    for row in json.loads(file.read_text()):
+        answer = normalize_number(str(row["Answer"]))
+        equation = " ".join(row["Equation"].replace(".0 ", " ").replace(".0)", ")").split())
+        records.append(
+            {
+                "id": f"svamp-{row['ID']}",
+                "prompt": f"{row['Body'].strip().rstrip('.')}. {row['Question'].strip()}",
+                "response": f"{equation} = {answer}\nThe answer is {answer}.",
+                "answer": answer,
+            }
+        )
+    return records
 
 
 def normalize_number(text: str) -> str:

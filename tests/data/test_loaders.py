@@ -84,3 +84,25 @@ def test_splits_are_deterministic_disjoint_and_sized():
     assert desc["counts"] == {"train": 140, "validation": 20, "test": 40} and desc["ids"]["test"] == [
         r["id"] for r in a["test"]
     ]
+
+
+def test_svamp_real_file_equations_recompute_the_answers():
+    from nora_peft.io import data_dir
+
+    file = data_dir() / "svamp" / "SVAMP.json"
+    if not file.exists():
+        pytest.skip(f"SVAMP not found at {file}")
+    raw = json.loads(file.read_text())
+    recs = load_source("svamp")["train"]
+    assert len(recs) == len(raw) == 1000 and len({r["id"] for r in recs}) == 1000
+    for rec, row in zip(recs, raw):
+        equation, final = rec["response"].split("\n")
+        lhs, rhs = equation.rsplit(" = ", 1)
+        value = eval(lhs, {"__builtins__": {}})  # the equation as written gives the answer ...
+        assert abs(value - row["Answer"]) < 1e-6 or rec["id"] == "svamp-chal-680"  # ... except SVAMP's one mislabel
+        assert (
+            final == f"The answer is {rec['answer']}."
+            and float(rec["answer"]) == row["Answer"]
+            and rhs == rec["answer"]
+        )
+        assert row["Question"].strip() in rec["prompt"]
