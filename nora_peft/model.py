@@ -137,10 +137,8 @@ class NoraModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        known = set()
-        for layer in self.modules():
-            if isinstance(layer, NoraLayer):
-                known |= set(layer.nora_up.keys())
+        nora_layers = [m for m in self.modules() if isinstance(m, NoraLayer)]
+        known = {name for layer in nora_layers for name in layer.nora_up.keys()}
         unknown = {n for n in adapter_names if n != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
@@ -151,8 +149,7 @@ class NoraModel(BaseTuner):
             m.register_forward_pre_hook(
                 partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names), with_kwargs=True
             )
-            for m in self.modules()
-            if isinstance(m, NoraLayer)
+            for m in nora_layers
         ]
         try:
             yield

@@ -127,7 +127,23 @@ def _read_file(path: str) -> list[dict]:
     from datasets import load_dataset
 
     fmt = SUFFIXES[Path(path).suffix]
-    return list(load_dataset(fmt, data_files=path, split="train"))
+    if fmt != "parquet" and _is_blank(path):
+        raise ValueError(f"Data file {path} is empty: it holds no records. Pass a file with at least one row.")
+    try:
+        return list(load_dataset(fmt, data_files=path, split="train"))
+    except Exception as e:  # datasets raises bare StopIteration / ArrowInvalid on broken files
+        raise ValueError(
+            f"Could not read {path} as {fmt} ({type(e).__name__}: {e}). Check that the file is valid {fmt}."
+        ) from None
+
+
+def _is_blank(path: str) -> bool:
+    """True when a text file holds only whitespace (read in chunks: data files can be gigabytes)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _read_any(source: str, hub_name: str | None = None) -> dict[str, list[dict]]:

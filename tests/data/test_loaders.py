@@ -71,6 +71,17 @@ def test_missing_file_and_empty_data(tmp_path):
         load_source("arith", limit=0)
 
 
+def test_empty_and_broken_files_name_the_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl is empty"):
+        load_source(str(empty))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"Could not read .*broken\.jsonl as json"):
+        load_source(str(broken))
+
+
 def test_splits_are_deterministic_disjoint_and_sized():
     native = load_source("reasoning", n=200, seed=1)
     a = make_splits(native, seed=5, val_size=0.1, test_size=0.2)
