@@ -137,7 +137,13 @@ class NoraModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        nora_layers = [m for m in self.modules() if isinstance(m, NoraLayer)]
+        # peft records every module it replaced; looking those up is much cheaper than walking every module on
+        # each forward (decode steps call this once per token).
+        nora_layers = [
+            m
+            for m in map(self._submodule_or_none, dict.fromkeys(self.targeted_module_names))
+            if isinstance(m, NoraLayer)
+        ]
         known = {name for layer in nora_layers for name in layer.nora_up.keys()}
         unknown = {n for n in adapter_names if n != "__base__"} - known
         if unknown:
@@ -156,6 +162,12 @@ class NoraModel(BaseTuner):
         finally:
             for h in handles:
                 h.remove()
+
+    def _submodule_or_none(self, name: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -27,7 +27,6 @@ its (input) dropout.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -51,27 +50,27 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"Unknown activation {name!r}; choose one of {ACTIVATIONS}.")
 
 
-def activation_and_grad(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(act(z), act'(z))``; the derivative is ``None`` for the identity (multiplying by 1 is skipped)."""
+def activation_backward(name: str, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``grad * act'(z)``, through torch's fused backward kernels where they exist (one pass over the latent)."""
     if name == "silu":
-        sig = torch.sigmoid(z)
-        return z * sig, sig * (1 + z * (1 - sig))
+        return torch.ops.aten.silu_backward(grad, z)
     if name == "identity":
-        return z, None
+        return grad
     if name == "relu":
-        return F.relu(z), (z > 0).to(z.dtype)
+        return grad.masked_fill(z <= 0, 0)
     if name == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-        return z * cdf, cdf + z * pdf
+        return torch.ops.aten.gelu_backward(grad, z)  # exact erf form, like F.gelu's default
     if name == "tanh":
-        t = torch.tanh(z)
-        return t, 1 - t * t
+        return torch.ops.aten.tanh_backward(grad, torch.tanh(z))
     raise ValueError(f"Unknown activation {name!r}; choose one of {ACTIVATIONS}.")
 
 
 class _NoraDelta(torch.autograd.Function):
-    """Autograd function for ``s * W_down D(act(W_up x))``; see the module docstring for what it saves."""
+    """Autograd function for ``s * W_down D(act(W_up x))``; see the module docstring for what it saves.
+
+    The scalar ``s`` and the dropout rescaling ``1/(1-p)`` are applied to the r-wide latent, not the d-wide output:
+    ``s * W_down (m * a) == W_down (a * (s * m))``, and the latent is the narrow side (r << d).
+    """
 
     @staticmethod
     def forward(ctx, x, w_up, w_down, scaling, activation, dropout_p, training):  # type: ignore[override]
@@ -80,8 +79,10 @@ class _NoraDelta(torch.autograd.Function):
         mask = None
         if training and dropout_p > 0:
             mask = torch.rand_like(z) >= dropout_p
-            a = a * mask * (1.0 / (1.0 - dropout_p))
-        out = (a @ w_down.t()) * scaling
+            a = a * (mask.to(a.dtype) * (scaling / (1.0 - dropout_p)))
+        else:
+            a = a * scaling
+        out = a @ w_down.t()
         ctx.save_for_backward(x, z, mask, w_up, w_down)
         ctx.scaling, ctx.activation, ctx.dropout_p = scaling, activation, dropout_p
         return out
@@ -92,20 +93,14 @@ class _NoraDelta(torch.autograd.Function):
         # Under autocast the forward matmuls may have run in a lower precision than the weights: do the backward
         # math in the dtype z was produced in, and hand each gradient back in its input's dtype.
         dt = z.dtype
-        g = grad_out.to(dt) * ctx.scaling
-        a, da = activation_and_grad(ctx.activation, z)
-        keep = None
-        if mask is not None:
-            keep = mask.to(dt) * (1.0 / (1.0 - ctx.dropout_p))
-            a = a * keep
+        g = grad_out.to(dt)
+        # factor = d(latent fed to W_down) / d(act(z)): s, times the scaled keep-mask when dropout was active
+        factor = ctx.scaling if mask is None else mask.to(dt) * (ctx.scaling / (1.0 - ctx.dropout_p))
         grad_w_down = grad_x = grad_w_up = None
         if ctx.needs_input_grad[2]:
+            a = activation_fn(ctx.activation)(z) * factor
             grad_w_down = (g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])).to(w_down.dtype)
-        gz = g @ w_down.to(dt)
-        if keep is not None:
-            gz = gz * keep
-        if da is not None:
-            gz = gz * da
+        gz = activation_backward(ctx.activation, (g @ w_down.to(dt)) * factor, z)
         if ctx.needs_input_grad[1]:
             grad_w_up = (gz.reshape(-1, gz.shape[-1]).t() @ x.to(dt).reshape(-1, x.shape[-1])).to(w_up.dtype)
         if ctx.needs_input_grad[0]:

@@ -279,9 +279,11 @@ def test_unload_returns_the_base_model():
         torch.testing.assert_close(plain(ids).logits, ref, rtol=0, atol=0)
 
 
-def test_mixed_batch_adapter_names():
+@pytest.mark.parametrize("b_targets", [None, ["v_proj", "o_proj", "down_proj"]], ids=["same", "other-modules"])
+def test_mixed_batch_adapter_names(b_targets):
     model = get_peft_model(tiny_causal_lm("llama"), nora(), adapter_name="a").eval()
-    model.add_adapter("b", nora(r=2, activation="gelu"))
+    b_kw = {"target_modules": b_targets} if b_targets else {}
+    model.add_adapter("b", nora(r=2, activation="gelu", **b_kw))
     ids = input_ids(batch=3)
     names = ["a", "__base__", "b"]
     with torch.no_grad():
