@@ -527,6 +527,8 @@ def plot_by_rank(groups, ds, methods, ranks, key, path: Path, ylabel: str, title
         st = [_g(groups, ds, m, r).stat(key) for r in rs]
         ax.errorbar(rs, [s.mean for s in st], yerr=_err(st), marker="o", capsize=3, label=m)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ranks), [str(r) for r in sorted(ranks)])  # the study's ranks, not powers of two
+    ax.minorticks_off()
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("rank r")
