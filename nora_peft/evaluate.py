@@ -51,7 +51,6 @@ class _eval_mode:
 # ---------------------------------------------------------------------------------------------------------------
 # Perplexity
 # ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
     tokenizer,
@@ -67,14 +66,29 @@ def perplexity(
     after the first. Returns ``{"ppl", "nll" (mean per token), "tokens", "examples", "stats"}``; examples whose
     prompt does not fit ``max_length`` are left out (counted in ``stats["dropped"]``).
     """
+    both = perplexities(model, tokenizer, records, max_length=max_length, batch_size=batch_size)
+    return both["response" if response_only else "full"]
+
+
+@torch.no_grad()
+def perplexities(
+    model: torch.nn.Module,
+    tokenizer,
+    records: list[dict[str, Any]],
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> dict[str, dict[str, Any]]:
+    """``{"response": ..., "full": ...}``, each as :func:`perplexity` returns it, from one forward pass per batch
+    (the two differ only in which tokens are scored: the rows are the same)."""
     from .data import build_lm_dataset
     from .train import collate
 
-    dataset, stats = build_lm_dataset(records, tokenizer, max_length=max_length, response_only=response_only)
+    dataset, stats = build_lm_dataset(records, tokenizer, max_length=max_length, response_only=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
-    total_nll = torch.zeros((), dtype=torch.float64)
-    total_tokens = 0
+    total_nll = {"response": torch.zeros((), dtype=torch.float64), "full": torch.zeros((), dtype=torch.float64)}
+    total_tokens = {"response": 0, "full": 0}
     with _eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start : start + batch_size]
@@ -82,22 +96,31 @@ def perplexity(
             batch = collate([dict(zip(keys, values)) for values in zip(*(rows[k] for k in keys))], pad)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total_nll += nll.double().cpu()
-            total_tokens += int((labels != -100).sum())
-    if total_tokens == 0:
+            # per-token NLL of every next-token prediction, then summed under each label mask
+            targets = batch["input_ids"][:, 1:]
+            token_nll = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            ).view_as(targets)
+            masks = {"response": batch["labels"][:, 1:] != -100, "full": batch["attention_mask"][:, 1:].bool()}
+            for kind, mask in masks.items():
+                total_nll[kind] += token_nll[mask].double().sum().cpu()
+                total_tokens[kind] += int(mask.sum())
+    if total_tokens["response"] == 0:
         raise ValueError(
             f"No tokens to score: {len(records)} records, tokenisation stats {stats}. Check that the records have "
             "responses and that max_length is longer than the prompts."
         )
-    mean = float(total_nll) / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "examples": len(dataset), "stats": stats}
+    out = {}
+    for kind in ("response", "full"):
+        mean = float(total_nll[kind]) / total_tokens[kind]
+        out[kind] = {
+            "ppl": math.exp(mean),
+            "nll": mean,
+            "tokens": total_tokens[kind],
+            "examples": len(dataset),
+            "stats": stats,
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,8 +354,12 @@ def evaluate_records(
     max_length: int = 256,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    max_generate: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity (response-only and full), and with ``generate_outputs`` accuracy and logistic-map metrics.
+
+    Perplexity uses every record (one forward pass each); generation, the expensive part, only the first
+    ``max_generate`` records when that is set.
 
     Top-level scalars for tables: ``ppl`` / ``nll`` / ``tokens`` (response tokens), ``ppl_full`` / ``nll_full``
     (every token), ``accuracy`` (records with an answer); details under ``perplexity``, ``generation``, ``logistic``.
@@ -340,8 +367,8 @@ def evaluate_records(
     if not records:
         raise ValueError("No records to evaluate (the split is empty); choose another --split or data source.")
     kw = dict(max_length=max_length, batch_size=batch_size)
-    response = perplexity(model, tokenizer, records, **kw)
-    full = perplexity(model, tokenizer, records, response_only=False, **kw)
+    both = perplexities(model, tokenizer, records, **kw)
+    response, full = both["response"], both["full"]
     result: dict[str, Any] = {
         "n": len(records),
         "ppl": response["ppl"],
@@ -352,7 +379,9 @@ def evaluate_records(
         "perplexity": {"response": response, "full": full},
     }
     if generate_outputs:
-        scored = [r for r in records if r.get("answer") is not None or is_logistic(r)]
+        gen_records = records[:max_generate] if max_generate else records
+        result["n_generated"] = len(gen_records)
+        scored = [r for r in gen_records if r.get("answer") is not None or is_logistic(r)]
         if scored:
             mnt = max_new_tokens or default_max_new_tokens(tokenizer, scored)
             predictions = generate(model, tokenizer, scored, max_new_tokens=mnt, batch_size=batch_size)
@@ -375,8 +404,12 @@ def evaluate_run(
     max_examples: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    max_generate: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a finished run on a split of its own data; writes ``run_dir/eval_<split>.json`` atomically."""
+    """Evaluate a finished run on a split of its own data; writes ``run_dir/eval_<split>.json`` atomically.
+
+    ``max_examples`` caps every metric's records; ``max_generate`` only the generated ones (perplexity stays on all).
+    """
     run_dir = Path(run_dir)
     model, tokenizer, cfg, splits = load_run(run_dir)
     if split not in splits:
@@ -390,6 +423,7 @@ def evaluate_run(
         max_length=cfg.max_length,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        max_generate=max_generate,
     )
     result.update(
         run_dir=str(run_dir),

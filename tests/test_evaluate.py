@@ -197,6 +197,24 @@ def test_evaluate_run_writes_eval_json(runs, loaded):
     assert "accuracy" not in no_gen and (run / "eval_validation.json").exists()
 
 
+def test_max_generate_limits_generation_not_perplexity(runs, loaded, monkeypatch):
+    run = runs["nora"]
+    prompts_seen = []
+
+    def fake_generate(model, tokenizer, records, **kw):
+        prompts_seen.extend(records)
+        return ["The answer is 1."] * len(records)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    result = ev.evaluate_run(run, split="test", max_generate=2, batch_size=4)
+    model, tokenizer, cfg, splits = loaded
+    n = len(splits["test"])
+    assert n > 2
+    direct = ev.perplexity(model, tokenizer, splits["test"], max_length=cfg.max_length)
+    assert result["n"] == n and result["tokens"] == direct["tokens"]  # perplexity over every record
+    assert result["n_generated"] == 2 and 0 < len(prompts_seen) <= 2  # generation over the first 2 only
+
+
 def test_changed_data_is_detected(runs, tmp_path):
     import shutil
 

@@ -16,11 +16,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help=f"a study spec YAML file or a preset name ({', '.join(PRESETS)})")
     parser.add_argument("--out", default=None, help="output dir (default: runs/study-<name>)")
     parser.add_argument("--shard", default=None, help="run only shard i of n (i/n, from 0); all shards share --out")
-    parser.add_argument("--jobs", type=int, default=1, help="run N shards as N local processes, then the report")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="run N shards as N local processes, then the report (default: 1 with a GPU, else min(4, CPU cores))",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores/jobs)")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report from results.jsonl")
     parser.add_argument("--no-report", action="store_true", help="run cells but do not write the report")
     parser.add_argument("--list", action="store_true", help="list the cells (of --shard) and exit")
+
+
+def default_jobs() -> int:
+    """Local shard processes when ``--jobs`` is not given: 1 on a GPU machine, else ``min(4, cores)``.
+
+    The cells of a CPU study are small models, for which torch's intra-op threads scale poorly (and oversubscribe
+    badly on a shared machine), so independent cells in parallel processes with 1-2 threads each finish sooner.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _run_jobs(args: argparse.Namespace, out: Path, jobs: int) -> int:
@@ -70,10 +88,11 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         print(write_report(spec, out))
         return 0
-    if args.jobs > 1:
+    jobs = args.jobs if args.jobs is not None else (1 if args.shard else default_jobs())
+    if jobs > 1:
         if args.shard:
             raise SystemExit("nora study: use either --jobs or --shard, not both.")
-        rc = _run_jobs(args, out, args.jobs)
+        rc = _run_jobs(args, out, jobs)
         if rc:
             return rc
         run_study(spec, out, report=not args.no_report)

@@ -107,6 +107,7 @@ def run_cell(spec: StudySpec, cell: Cell, out_dir: Path) -> dict[str, Any]:
             split="test",
             generate=bool(ev["generate"]),
             max_examples=ev.get("max_examples"),
+            max_generate=ev.get("max_generate"),
             batch_size=ev["batch_size"],
         )
     if ev["analysis"] and not (run_dir / "analysis.json").exists():

@@ -26,6 +26,19 @@ PRESETS = ("demo", "paper")
 ABLATION_KNOBS = ("activation", "granularity", "dropout", "scaling", "alpha")
 
 
+# Evaluation of each cell. generate: exact-match accuracy (and the logistic-map metrics) by greedy generation;
+# max_examples caps every metric's records, max_generate only the generated ones (perplexity is cheap, generation is
+# not); analysis: spectra / effective rank / AUC-90 over analysis_samples held-out records.
+EVAL_DEFAULTS: dict[str, Any] = {
+    "generate": True,
+    "max_examples": None,
+    "max_generate": None,
+    "batch_size": 8,
+    "analysis": True,
+    "analysis_samples": 32,
+}
+
+
 @dataclass
 class Dataset:
     """One data source of the study: ``data`` is a ``train.TrainConfig.data`` value, ``options`` its data_options."""
@@ -67,14 +80,7 @@ class StudySpec:
     # -- derived ------------------------------------------------------------------------------------------------
     def eval_settings(self) -> dict[str, Any]:
         """Evaluation settings with defaults filled in."""
-        return {
-            "generate": True,
-            "max_examples": None,
-            "batch_size": 8,
-            "analysis": True,
-            "analysis_samples": 32,
-            **self.eval,
-        }
+        return {**EVAL_DEFAULTS, **self.eval}
 
     def verdict_ranks(self) -> tuple[int, int]:
         """(NoRA rank, LoRA rank) compared by claim 1. Default: LoRA at the largest rank, NoRA at the rank closest
@@ -251,6 +257,9 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
     for key in ("adapter", "output_dir", "lr", "seed", "data", "data_options", "model"):
         if key in spec.train:
             _fail(where, f"train.{key} is set per cell by the study", f"Remove train.{key}; use the spec's top level.")
+    unknown_eval = set(spec.eval) - set(EVAL_DEFAULTS)
+    if unknown_eval:
+        _fail(where, f"unknown eval key(s) {sorted(unknown_eval)}", f"Use keys from {sorted(EVAL_DEFAULTS)}.")
     nora_r, lora_r = spec.verdict_ranks()
     for r in (nora_r, lora_r):
         if r not in ranks:

@@ -65,5 +65,7 @@ def test_parse_shard_and_bad_specs():
         parse_spec({**base, "train": {"seed": 3}})
     with pytest.raises(ValueError, match="ablation variant"):
         parse_spec({**base, "ablations": {"rank": 8, "variants": {"x": {"colour": "red"}}}, "ranks": [8]})
+    with pytest.raises(ValueError, match=r"unknown eval key\(s\) \['max_gen'\]"):
+        parse_spec({**base, "eval": {"max_gen": 3}})
     with pytest.raises(FileNotFoundError, match="preset"):
         load_spec("no-such-preset")
