@@ -206,7 +206,7 @@ def ensure_default_base(path: str | os.PathLike | None = None, *, progress: bool
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the finished build
         if not (path / "build_info.json").exists():
             if progress:
-                print(f"[nora base] building the embedded default base model into {path} (once, ~2-3 min)", flush=True)
+                print(f"[nora base] building the embedded default base model into {path} (once, ~1-3 min)", flush=True)
             build_base(path, progress=progress)
     return path
 

@@ -195,6 +195,10 @@ def run_study(
         f"nora study {spec.name}: {len(cells)} cells, shard {shard[0]}/{shard[1]} has {len(mine)}, "
         f"{len(mine) - len(todo)} already done, {len(todo)} to run -> {out_dir}"
     )
+    if todo and spec.model is None:  # build the embedded base once up front, so no cell's time (or ETA) includes it
+        from ..base import ensure_default_base
+
+        ensure_default_base()
     times: list[float] = []
     study_start = time.perf_counter()
     for k, cell in enumerate(todo):
