@@ -9,6 +9,7 @@ branch is added and whether merging is possible.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any
 
@@ -19,6 +20,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import compute_scaling
 from .ops import nora_delta
+
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place modification counter
 
 
 def _block_in_out_features(block: nn.Module) -> tuple[int, int]:
@@ -214,19 +217,23 @@ class Linear(nn.Module, NoraLayer):
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
         up_modules, down_modules = self.nora_up._modules, self.nora_down._modules
-        names = [n for n in up_modules if n not in self.merged_adapters]
+        merged = self.merged_adapters
+        names = tuple(n for n in up_modules if n not in merged) if merged else tuple(up_modules)
         if not names:
             return result
         ups = [up_modules[n]._parameters["weight"] for n in names]
         downs = [down_modules[n]._parameters["weight"] for n in names]
         params = ups + downs
-        scaling, activation = self.scaling, self.nora_activation
+        # Cheap to check on every forward (decode calls this once per token and layer): the same tensor objects and
+        # storages (catches replaced / moved / re-typed weights), the same sum of in-place version counters (they
+        # only grow, so the sum changes iff some weight was modified in place), the same scalings and activations.
         key = (
             names,
-            [p.data_ptr() for p in params],
-            [p._version for p in params],
-            [p.dtype for p in params],
-            [(scaling[n], activation[n]) for n in names],
+            tuple(map(id, params)),
+            tuple(map(torch.Tensor.data_ptr, params)),
+            sum(map(_VERSION, params)),
+            tuple(map(self.scaling.__getitem__, names)),
+            tuple(map(self.nora_activation.__getitem__, names)),
         )
         cached = self.__dict__.get("_nora_mixed_cache")
         if cached is None or cached[0] != key:
