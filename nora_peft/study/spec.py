@@ -67,7 +67,7 @@ class StudySpec:
     methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "nora"])
     ranks: list[int] = field(default_factory=lambda: [8])
     seeds: list[int] = field(default_factory=lambda: [0])
-    lr: dict[str, list[float]] = field(default_factory=dict)
+    lr: dict[str, list[float] | dict[int, list[float]]] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)
     ablations: Ablations = field(default_factory=Ablations)
     train: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +81,11 @@ class StudySpec:
     def eval_settings(self) -> dict[str, Any]:
         """Evaluation settings with defaults filled in."""
         return {**EVAL_DEFAULTS, **self.eval}
+
+    def lr_grid(self, method: str, r: int) -> list[float]:
+        """The learning rates tried for ``method`` at rank ``r``: one grid for every rank, or a grid per rank."""
+        grid = self.lr[method]
+        return grid[r] if isinstance(grid, dict) else grid
 
     def verdict_ranks(self) -> tuple[int, int]:
         """(NoRA rank, LoRA rank) compared by claim 1. Default: LoRA at the largest rank, NoRA at the rank closest
@@ -209,15 +214,31 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
     lr_raw = raw.get("lr") or {}
     if isinstance(lr_raw, (int, float, list)):
         lr_raw = {m: lr_raw for m in methods}
-    lr = {}
+    lr: dict[str, list[float] | dict[int, list[float]]] = {}
+    ablation_rank = (raw.get("ablations") or {}).get("rank")
+
+    def _grid(m: str, grid: Any) -> list[float]:
+        grid = [float(x) for x in (grid if isinstance(grid, list) else [grid])]
+        if not grid or any(not (x > 0) for x in grid):
+            _fail(where, f"lr grid of {m!r} is {grid}", "Use positive learning rates.")
+        return grid
+
     for m in methods:
         grid = lr_raw.get(m, lr_raw.get("default"))
         if grid is None:
             _fail(where, f"has no learning-rate grid for method {m!r}", f"Add `lr: {{{m}: [1e-4, 3e-4]}}`.")
-        grid = [float(x) for x in (grid if isinstance(grid, list) else [grid])]
-        if not grid or any(not (x > 0) for x in grid):
-            _fail(where, f"lr grid of {m!r} is {grid}", "Use positive learning rates.")
-        lr[m] = grid
+        if isinstance(grid, dict):  # a grid per rank, e.g. rsLoRA's alpha/sqrt(r) scale moves its best lr with r
+            per_rank = {int(r): _grid(m, g) for r, g in grid.items()}
+            needed = set(ranks) | ({int(ablation_rank)} if m == "nora" and ablation_rank is not None else set())
+            if needed - set(per_rank):
+                _fail(
+                    where,
+                    f"lr grid of {m!r} has no entry for rank(s) {sorted(needed - set(per_rank))}",
+                    f"Give a list for every rank in {sorted(needed)}, or one list for all ranks.",
+                )
+            lr[m] = per_rank
+        else:
+            lr[m] = _grid(m, grid)
     adapter = dict(raw.get("adapter") or {})
     bad = set(adapter) - {"dropout", "alpha", "target_modules", "extra"}
     if bad:
@@ -305,7 +326,7 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
             full = {
                 k: v for k, v in full.items() if k == "dropout" or k not in ABLATION_KNOBS or getattr(defaults, k) != v
             }
-        for lr in spec.lr[method]:
+        for lr in spec.lr_grid(method, r):
             for seed in spec.seeds:
                 c = Cell(ds.name, ds.data, _freeze(ds.options), method, r, variant, _freeze(full), lr, seed)
                 cells.setdefault(c.cell_id, c)

@@ -18,7 +18,7 @@ def test_presets_parse_and_expand():
     assert len(ids) == len(set(ids))
     # every method at every rank with every lr of its grid and every seed, on both datasets
     main = [c for c in cells if c.variant == "default"]
-    assert len(main) == 2 * 4 * 3 * (3 + 4 + 3)
+    assert len(main) == 2 * 4 * 3 * (3 + 3 + 3)  # datasets x ranks x seeds x (lr grids of lora, rslora, nora)
     # ablations: 5 variants x 3 lrs x 3 seeds per dataset, all NoRA at r=128
     abl = [c for c in cells if c.variant != "default"]
     assert len(abl) == 2 * 5 * 3 * 3 and all(c.method == "nora" and c.r == 128 for c in abl)
@@ -69,3 +69,16 @@ def test_parse_shard_and_bad_specs():
         parse_spec({**base, "eval": {"max_gen": 3}})
     with pytest.raises(FileNotFoundError, match="preset"):
         load_spec("no-such-preset")
+
+
+def test_lr_grid_per_rank():
+    base = {"name": "x", "datasets": ["reasoning"], "methods": ["lora", "rslora"], "ranks": [1, 16]}
+    spec = parse_spec({**base, "lr": {"lora": [1e-2, 2e-2], "rslora": {1: [1e-2, 2e-2], 16: [2.5e-3]}}})
+    got = sorted((c.method, c.r, c.lr) for c in expand_cells(spec))
+    assert got == [
+        ("lora", 1, 1e-2), ("lora", 1, 2e-2), ("lora", 16, 1e-2), ("lora", 16, 2e-2),
+        ("rslora", 1, 1e-2), ("rslora", 1, 2e-2), ("rslora", 16, 2.5e-3),
+    ]  # fmt: skip
+    assert spec.lr_grid("rslora", 16) == [2.5e-3] and spec.lr_grid("lora", 16) == [1e-2, 2e-2]
+    with pytest.raises(ValueError, match=r"lr grid of 'rslora' has no entry for rank\(s\) \[16\]"):
+        parse_spec({**base, "lr": {"lora": 1e-2, "rslora": {1: [1e-2]}}})
