@@ -15,6 +15,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Small models run fastest single-threaded (and a test machine may be shared); restores the count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def gsm8k_dir():
     """The real GSM8K files from $NORA_DATA_DIR (default ../shared/data); skip when they are absent."""

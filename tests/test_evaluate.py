@@ -15,13 +15,7 @@ from nora_peft.io import read_json, write_json_atomic
 from nora_peft.train import train
 from tests.test_train import make_tiny_model_dir, small_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from peft import PeftModel
 from nora_peft.methods import AdapterSpec, build_peft_model
 from nora_peft.mixed import mixed_delta, stack_adapters
 from nora_peft.ops import nora_delta_reference
-from tests.tiny_models import input_ids, tiny_causal_lm
+from tests.tiny_models import input_ids, mixed_and_alone_logits, tiny_causal_lm
 
 D64 = torch.float64
 
@@ -90,16 +90,9 @@ def test_peft_adapter_names_equal_each_adapter_alone(granularity):
     model = _three_adapter_model(granularity)
     names = ["sil", "__base__", "rel", "idn", "sil", "idn"]
     ids = input_ids(batch=len(names), length=7)
-    with torch.no_grad():
-        mixed = model(ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model(ids[row : row + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(ids[row : row + 1]).logits
-            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-10, atol=1e-10)
+    mixed, alone = mixed_and_alone_logits(model, ids, names)
+    for row, logits in enumerate(alone):
+        torch.testing.assert_close(mixed[row : row + 1], logits, rtol=1e-10, atol=1e-10)
     # the rows really differ per adapter (init_weights=False), so the comparison is not vacuous
     assert not torch.allclose(mixed[0], mixed[2]) and not torch.allclose(mixed[0], mixed[1])
 

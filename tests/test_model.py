@@ -15,7 +15,7 @@ import nora_peft  # noqa: F401  (registers NoRA)
 from nora_peft import NoraConfig
 from nora_peft.layer import NoraLayer
 
-from .tiny_models import DEFAULT_TARGETS, LAYER_LISTS, MLP, input_ids, tiny_causal_lm
+from .tiny_models import DEFAULT_TARGETS, LAYER_LISTS, MLP, input_ids, mixed_and_alone_logits, tiny_causal_lm
 
 ARCHS = ["llama", "mistral", "qwen2", "phi3", "gpt2"]
 REF_ACTS = {
@@ -286,16 +286,9 @@ def test_mixed_batch_adapter_names(b_targets):
     model.add_adapter("b", nora(r=2, activation="gelu", **b_kw))
     ids = input_ids(batch=3)
     names = ["a", "__base__", "b"]
-    with torch.no_grad():
-        mixed = model(ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model(ids[row : row + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(ids[row : row + 1]).logits
-            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    mixed, alone = mixed_and_alone_logits(model, ids, names)
+    for row, logits in enumerate(alone):
+        torch.testing.assert_close(mixed[row : row + 1], logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="non-existing adapter"):
         model(ids, adapter_names=["a", "zz", "b"])
     model.train()

@@ -45,13 +45,7 @@ def make_tiny_model_dir(path: Path, *, hidden: int = 32, seed: int = 0) -> str:
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run fastest single-threaded (and the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

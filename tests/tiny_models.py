@@ -73,3 +73,19 @@ class MLP(nn.Module):
 def input_ids(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def mixed_and_alone_logits(model, ids: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of one ``adapter_names=names`` forward, and of each row run alone under its own adapter (``"__base__"``:
+    adapters disabled), for checking that a mixed batch equals each adapter alone."""
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        alone = []
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone.append(model(ids[row : row + 1]).logits)
+            else:
+                model.set_adapter(name)
+                alone.append(model(ids[row : row + 1]).logits)
+    return mixed, alone
