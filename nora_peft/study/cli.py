@@ -92,10 +92,6 @@ def main(args: argparse.Namespace) -> int:
     if jobs > 1:
         if args.shard:
             raise SystemExit("nora study: use either --jobs or --shard, not both.")
-        if spec.model is None:  # build the embedded base here, once, rather than in every shard process
-            from ..base import ensure_default_base
-
-            ensure_default_base()
         rc = _run_jobs(args, out, jobs)
         if rc:
             return rc

@@ -221,10 +221,11 @@ def run_study(
     done_ids = {r["cell_id"] for r in read_results(out_dir)}
     missing = [c.cell_id for c in cells if c.cell_id not in done_ids]
     if missing:
-        log(
-            f"{len(missing)} cells of other shards are not finished yet (e.g. {missing[0]}); the report is written "
-            f"when they are: run `nora study SPEC --out {out_dir} --report-only` after the other shards finish."
-        )
+        if report:  # --jobs shards run with report=False: the parent writes the report when all are done
+            log(
+                f"{len(missing)} cells of other shards are not finished yet (e.g. {missing[0]}); the report is written "
+                f"when they are: run `nora study SPEC --out {out_dir} --report-only` after the other shards finish."
+            )
         return out_dir
     if report:
         from .report import write_report
