@@ -211,34 +211,6 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
     seeds = [int(s) for s in raw.get("seeds") or [0]]
     if len(set(seeds)) != len(seeds):
         _fail(where, f"seeds {seeds} repeat", "List each seed once.")
-    lr_raw = raw.get("lr") or {}
-    if isinstance(lr_raw, (int, float, list)):
-        lr_raw = {m: lr_raw for m in methods}
-    lr: dict[str, list[float] | dict[int, list[float]]] = {}
-    ablation_rank = (raw.get("ablations") or {}).get("rank")
-
-    def _grid(m: str, grid: Any) -> list[float]:
-        grid = [float(x) for x in (grid if isinstance(grid, list) else [grid])]
-        if not grid or any(not (x > 0) for x in grid):
-            _fail(where, f"lr grid of {m!r} is {grid}", "Use positive learning rates.")
-        return grid
-
-    for m in methods:
-        grid = lr_raw.get(m, lr_raw.get("default"))
-        if grid is None:
-            _fail(where, f"has no learning-rate grid for method {m!r}", f"Add `lr: {{{m}: [1e-4, 3e-4]}}`.")
-        if isinstance(grid, dict):  # a grid per rank, e.g. rsLoRA's alpha/sqrt(r) scale moves its best lr with r
-            per_rank = {int(r): _grid(m, g) for r, g in grid.items()}
-            needed = set(ranks) | ({int(ablation_rank)} if m == "nora" and ablation_rank is not None else set())
-            if needed - set(per_rank):
-                _fail(
-                    where,
-                    f"lr grid of {m!r} has no entry for rank(s) {sorted(needed - set(per_rank))}",
-                    f"Give a list for every rank in {sorted(needed)}, or one list for all ranks.",
-                )
-            lr[m] = per_rank
-        else:
-            lr[m] = _grid(m, grid)
     adapter = dict(raw.get("adapter") or {})
     bad = set(adapter) - {"dropout", "alpha", "target_modules", "extra"}
     if bad:
@@ -258,6 +230,33 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
             if not isinstance(knobs, dict) or set(knobs) - set(ABLATION_KNOBS):
                 _fail(where, f"ablation variant {name!r} = {knobs!r}", f"Use a mapping of knobs from {ABLATION_KNOBS}.")
             AdapterSpec(method="nora", r=int(ablations.rank), **{**adapter, **knobs})  # validates values
+    lr_raw = raw.get("lr") or {}
+    if isinstance(lr_raw, (int, float, list)):
+        lr_raw = {m: lr_raw for m in methods}
+    lr: dict[str, list[float] | dict[int, list[float]]] = {}
+
+    def _grid(m: str, grid: Any) -> list[float]:
+        grid = [float(x) for x in (grid if isinstance(grid, list) else [grid])]
+        if not grid or any(not (x > 0) for x in grid):
+            _fail(where, f"lr grid of {m!r} is {grid}", "Use positive learning rates.")
+        return grid
+
+    for m in methods:
+        grid = lr_raw.get(m, lr_raw.get("default"))
+        if grid is None:
+            _fail(where, f"has no learning-rate grid for method {m!r}", f"Add `lr: {{{m}: [1e-4, 3e-4]}}`.")
+        if isinstance(grid, dict):  # a grid per rank, e.g. rsLoRA's alpha/sqrt(r) scale moves its best lr with r
+            per_rank = {int(r): _grid(m, g) for r, g in grid.items()}
+            needed = set(ranks) | ({int(ablations.rank)} if m == "nora" and ablations.variants else set())
+            if needed - set(per_rank):
+                _fail(
+                    where,
+                    f"lr grid of {m!r} has no entry for rank(s) {sorted(needed - set(per_rank))}",
+                    f"Give a list for every rank in {sorted(needed)}, or one list for all ranks.",
+                )
+            lr[m] = per_rank
+        else:
+            lr[m] = _grid(m, grid)
     spec = StudySpec(
         name=str(raw["name"]),
         model=raw.get("model"),
