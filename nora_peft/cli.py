@@ -10,14 +10,20 @@ import argparse
 import importlib
 import sys
 
+#: third-party packages each extra brings; a command whose import fails on one of them names the extra to install
+EXTRA_PACKAGES: dict[str, frozenset[str]] = {
+    "lab": frozenset({"accelerate", "datasets", "tokenizers", "yaml", "numpy", "matplotlib"}),
+    "serve": frozenset({"fastapi", "uvicorn", "starlette", "pydantic"}),
+}
+
 #: subcommand -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "base": ("nora_peft.base", "build (pretrain) the embedded default base model and tokenizer"),
-    "train": ("nora_peft.train", "fine-tune a causal LM with NoRA, LoRA, rsLoRA or DoRA"),
-    "eval": ("nora_peft.evaluate", "perplexity and generation accuracy of a base model or adapter"),
-    "analyze": ("nora_peft.analysis", "SVD spectra, effective rank and AUC-90 of trained adapters"),
-    "study": ("nora_peft.study.cli", "run the paper's study (sweeps, ablations, report) from a spec or preset"),
-    "bench": ("nora_peft.bench", "side-by-side speed and memory benchmarks (JSON)"),
+    "base": ("nora_peft.lab.base", "build (pretrain) the embedded default base model and tokenizer"),
+    "train": ("nora_peft.lab.train", "fine-tune a causal LM with NoRA, LoRA, rsLoRA or DoRA"),
+    "eval": ("nora_peft.lab.evaluate", "perplexity and generation accuracy of a base model or adapter"),
+    "analyze": ("nora_peft.lab.analysis", "SVD spectra, effective rank and AUC-90 of trained adapters"),
+    "study": ("nora_peft.lab.study.cli", "run the paper's study (sweeps, ablations, report) from a spec or preset"),
+    "bench": ("nora_peft.lab.bench", "side-by-side speed and memory benchmarks (JSON)"),
     "serve": ("nora_peft.serve.cli", "OpenAI-compatible server for many unmerged adapters on one base"),
 }
 
@@ -28,8 +34,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:  # only the room that runs is imported
-            importlib.import_module(module).add_arguments(p)
+            import_room(module).add_arguments(p)
     return parser
+
+
+def import_room(module: str):
+    """Import a command's module; a missing optional dependency becomes a message naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").split(".")[0]
+        for extra, packages in EXTRA_PACKAGES.items():
+            if missing in packages:
+                raise SystemExit(
+                    f"nora: this command needs the '{extra}' extra ({missing} is not installed): "
+                    f"pip install 'nora-peft[{extra}]'"
+                ) from err
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    room = importlib.import_module(COMMANDS[args.command][0])
+    room = import_room(COMMANDS[args.command][0])
     return int(room.main(args) or 0)
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from nora_peft.io import data_dir
+from nora_peft.lab.io import data_dir
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def gsm8k_dir():
 @pytest.fixture(scope="session")
 def default_base_path():
     """The embedded default base model (built once into the cache if missing, then reused)."""
-    from nora_peft.base import ensure_default_base
+    from nora_peft.lab.base import ensure_default_base
 
     return ensure_default_base()
 

@@ -75,11 +75,11 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 def format_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt for a chat: the tokenizer's chat template if it has one, else the plain template adapters are
-    trained with (``nora_peft.data.formatting.PLAIN_TEMPLATE`` per user turn; system text and earlier assistant
+    trained with (``nora_peft.lab.data.formatting.PLAIN_TEMPLATE`` per user turn; system text and earlier assistant
     replies as plain paragraphs)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    from ..data.formatting import PLAIN_TEMPLATE
+    from ..lab.data.formatting import PLAIN_TEMPLATE
 
     parts = []
     for m in messages:

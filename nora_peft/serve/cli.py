@@ -34,12 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, str]:
-    """``(model, tokenizer, served name)`` for a folder or ``default`` (the embedded base from nora_peft.base)."""
+    """``(model, tokenizer, served name)`` for a folder or ``default`` (the embedded base from nora_peft.lab.base)."""
     if base in ("default", "", None):
-        from ..base import load_model_and_tokenizer
+        from ..lab.base import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(None)
-        from ..base import DEFAULT_BASE_NAME
+        from ..lab.base import DEFAULT_BASE_NAME
 
         name = DEFAULT_BASE_NAME
     else:

@@ -205,7 +205,7 @@ class Engine:
         ctx = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_len = int(ctx)
         self.max_prompt_tokens = int(max_prompt_tokens or self.context_len - 1)
-        # like training (nora_peft.data.formatting): text prompts start with BOS when the tokenizer has one and no
+        # like training (nora_peft.lab.data.formatting): text prompts start with BOS when the tokenizer has one and no
         # chat template, unless the tokenizer already adds it
         self.add_bos = (
             (tokenizer.bos_token_id is not None and not getattr(tokenizer, "chat_template", None))

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..methods import METHODS, AdapterSpec
+from nora_peft.methods import METHODS, AdapterSpec
 
 PRESETS = ("demo", "paper")
 
@@ -288,7 +288,7 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
 
 
 def preset_path(name: str) -> Path:
-    return Path(str(resources.files("nora_peft.study") / "presets" / f"{name}.yaml"))
+    return Path(str(resources.files("nora_peft.lab.study") / "presets" / f"{name}.yaml"))
 
 
 def load_spec(path_or_preset: str | Path) -> StudySpec:

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from nora_peft import evaluate as ev
-from nora_peft.data import build_lm_dataset, format_example, format_prompt, logistic_map_problems
-from nora_peft.io import read_json, write_json_atomic
-from nora_peft.train import train
-from tests.test_train import make_tiny_model_dir, small_config
+from nora_peft.lab import evaluate as ev
+from nora_peft.lab.data import build_lm_dataset, format_example, format_prompt, logistic_map_problems
+from nora_peft.lab.io import read_json, write_json_atomic
+from nora_peft.lab.train import train
+from tests.lab.test_train import make_tiny_model_dir, small_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nora_peft.data import describe_splits, load_source, make_splits
+from nora_peft.lab.data import describe_splits, load_source, make_splits
 
 
 def test_gsm8k_real_files(gsm8k_dir):
@@ -98,7 +98,7 @@ def test_splits_are_deterministic_disjoint_and_sized():
 
 
 def test_svamp_real_file_equations_recompute_the_answers():
-    from nora_peft.io import data_dir
+    from nora_peft.lab.io import data_dir
 
     file = data_dir() / "svamp" / "SVAMP.json"
     if not file.exists():

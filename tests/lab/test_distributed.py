@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nora_peft.io import read_json, read_jsonl
-from nora_peft.train import train
-from tests.test_train import make_tiny_model_dir, small_config
+from nora_peft.lab.io import read_json, read_jsonl
+from nora_peft.lab.train import train
+from tests.lab.test_train import make_tiny_model_dir, small_config
 
 SCRIPT = """
 import os, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from transformers import TrainerCallback
-from nora_peft.train import train
-from tests.test_train import small_config
+from nora_peft.lab.train import train
+from tests.lab.test_train import small_config
 
 class DumpWeights(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -41,7 +41,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, method):
     # dropout 0: the only randomness left is the data order, which DDP shards from the same global permutation
     kwargs = dict(max_steps=3, save_steps=3, adapter={"method": method, "r": 4, "dropout": 0.0}, batch_size=2)
     script = tmp_path / "ddp_train.py"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
     script.write_text(
         textwrap.dedent(SCRIPT).format(
             root=root, out=str(tmp_path), model=model, run=str(tmp_path / "ddp"), kwargs=kwargs

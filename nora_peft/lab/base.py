@@ -36,7 +36,7 @@ MODEL_SIZE = dict(
 
 
 def default_base_path() -> Path:
-    """Where the embedded default base lives: ``nora_peft.io.cache_dir() / DEFAULT_BASE_NAME``."""
+    """Where the embedded default base lives: ``nora_peft.lab.io.cache_dir() / DEFAULT_BASE_NAME``."""
     return cache_dir() / DEFAULT_BASE_NAME
 
 
@@ -169,7 +169,7 @@ def build_base(
         "uniform_loss": math.log(len(tokenizer)),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.time() - start, 1),
-        "corpus": "nora_peft.base.pretraining_corpus: templated sentences, arithmetic facts, one-step questions",
+        "corpus": "nora_peft.lab.base.pretraining_corpus: templated sentences, arithmetic facts, one-step questions",
         "documents": documents,
         "tokens_seen": steps * batch_size * seq_len,
     }

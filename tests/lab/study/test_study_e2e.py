@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from nora_peft.io import read_jsonl
-from nora_peft.study.runner import read_results, run_study
-from nora_peft.study.spec import expand_cells, parse_spec
+from nora_peft.lab.io import read_jsonl
+from nora_peft.lab.study.runner import read_results, run_study
+from nora_peft.lab.study.spec import expand_cells, parse_spec
 
 
 class Interrupt(Exception):
@@ -75,7 +75,7 @@ def test_tiny_study_interrupt_resume_report(tiny_spec, tmp_path, default_base_pa
 
 
 def test_changed_budget_refuses_to_resume(tiny_spec, tmp_path):
-    from nora_peft.study.runner import check_out_dir
+    from nora_peft.lab.study.runner import check_out_dir
 
     check_out_dir(tiny_spec, tmp_path)
     tiny_spec.train["max_steps"] = 3

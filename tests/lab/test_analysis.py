@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nora_peft.analysis import (
+from nora_peft.lab.analysis import (
     ActivationRecorder,
     adapter_factors,
     analyze_model,

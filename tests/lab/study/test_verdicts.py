@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nora_peft.study.report import (
+from nora_peft.lab.study.report import (
     FAILS,
     HOLDS,
     INCONCLUSIVE,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nora_peft.study.spec import StudySpec, expand_cells, parse_spec
+from nora_peft.lab.study.spec import StudySpec, expand_cells, parse_spec
 
 
 def small_spec(**over) -> StudySpec:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nora_peft.study import cli
+from nora_peft.lab.study import cli
 
 
 def test_default_jobs_one_process_per_core_on_cpu_capped_at_4(monkeypatch):

@@ -3,7 +3,7 @@
 Resumption: a cell whose id already has a row in ``results.jsonl`` is skipped; a cell whose run dir is finished
 (``train_summary.json`` + ``eval_test.json`` [+ ``analysis.json``]) is not retrained, its row is rebuilt from the
 files; an unfinished run continues from its last checkpoint (``TrainConfig.resume``). Rows are appended atomically
-(``nora_peft.io.append_jsonl``) and deduplicated by cell id on read, so a killed study loses or repeats nothing.
+(``nora_peft.lab.io.append_jsonl``) and deduplicated by cell id on read, so a killed study loses or repeats nothing.
 
 Sharding: ``shard=(i, n)`` runs every n-th cell starting at i; any number of processes or machines can share one
 output dir. The process that finds every cell done writes the report.

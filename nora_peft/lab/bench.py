@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .io import write_json_atomic
-from .methods import AdapterSpec, build_peft_model
+from ..methods import AdapterSpec, build_peft_model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -331,9 +331,9 @@ def _multi_adapter_model(base: nn.Module, spec: AdapterSpec, n: int) -> tuple[nn
 
 def _engine_model(base: nn.Module, nora: nn.Module, names: list[str]) -> tuple[nn.Module, Any]:
     """A copy of ``base`` with ``nora``'s adapters in a serving ``AdapterPool`` (the ``nora serve`` path)."""
-    from .layer import NoraLayer
-    from .serve.adapters import AdapterWeights
-    from .serve.engine import AdapterPool
+    from ..layer import NoraLayer
+    from ..serve.adapters import AdapterWeights
+    from ..serve.engine import AdapterPool
 
     model = copy.deepcopy(base)
     pool = AdapterPool(model, capacity=len(names))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import append_jsonl, read_json, read_jsonl, write_json_atomic
-from .methods import METHODS, AdapterSpec
+from ..methods import METHODS, AdapterSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: fields that say *how* to run, not *what* to train: a run dir's identity ignores them
@@ -56,7 +56,7 @@ class TrainConfig:
     raise it (1e-3) for the tiny embedded base, lower it (5e-5) if the loss turns NaN on a large model.
     """
 
-    model: str | None = None  # None -> the embedded default base (nora_peft.base)
+    model: str | None = None  # None -> the embedded default base (nora_peft.lab.base)
     data: str = "reasoning"  # a load_source name (arith, logistic, reasoning, gsm8k, ...) or a local file / hub id
     data_options: dict = field(default_factory=dict)  # extra keyword options for data.load_source
     field_map: dict | None = None  # {"prompt": "question", "response": "answer", ...} for local files / hub ids
@@ -456,7 +456,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
 
     from .base import load_model_and_tokenizer
     from .data import describe_splits
-    from .methods import build_peft_model, count_parameters
+    from ..methods import build_peft_model, count_parameters
 
     run_dir = cfg.resolved_output_dir()
     action = check_run_dir(cfg, run_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from nora_peft.data import (
+from nora_peft.lab.data import (
     arithmetic_problems,
     extract_answer,
     logistic_map_problems,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nora_peft.study.spec import expand_cells, load_spec, parse_shard, parse_spec, shard_cells
+from nora_peft.lab.study.spec import expand_cells, load_spec, parse_shard, parse_spec, shard_cells
 
 from .synthetic import small_spec
 

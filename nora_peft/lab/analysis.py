@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from .io import write_json_atomic
-from .ops import activation_fn
+from ..ops import activation_fn
 
 ENERGY_THRESHOLD = 0.9
 
@@ -129,7 +129,7 @@ def adapter_factors(model: nn.Module, adapter_name: str = "default") -> list[Ada
     """Every NoRA and peft-LoRA layer of ``model`` holding ``adapter_name``, in module order."""
     from peft.tuners.lora import LoraLayer
 
-    from .layer import NoraLayer, ParallelBlock
+    from ..layer import NoraLayer, ParallelBlock
 
     found = []
     for name, m in model.named_modules():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nora_peft.base import build_tokenizer, pretraining_corpus
-from nora_peft.data import PLAIN_TEMPLATE, answers_match, build_lm_dataset, extract_answer, format_prompt
+from nora_peft.lab.base import build_tokenizer, pretraining_corpus
+from nora_peft.lab.data import PLAIN_TEMPLATE, answers_match, build_lm_dataset, extract_answer, format_prompt
 
 
 @pytest.fixture(scope="module")

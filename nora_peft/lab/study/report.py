@@ -474,7 +474,7 @@ def measure_latency(spec: StudySpec, out_dir: Path, log: Callable[[str], None]) 
 
     from ..base import load_model_and_tokenizer
     from ..bench import latency_table
-    from ..methods import AdapterSpec
+    from nora_peft.methods import AdapterSpec
 
     r = int(spec.latency.get("rank", spec.verdict_ranks()[0]))
     bs, seq = int(spec.latency.get("batch_size", 1)), int(spec.latency.get("seq_len", 128))
