@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .io import write_json_atomic
 from ..ops import activation_fn
+from .io import write_json_atomic
 
 ENERGY_THRESHOLD = 0.9
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .io import write_json_atomic
 from ..methods import AdapterSpec, build_peft_model
+from .io import write_json_atomic
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import append_jsonl, read_json, read_jsonl, write_json_atomic
 from ..methods import METHODS, AdapterSpec
+from .io import append_jsonl, read_json, read_jsonl, write_json_atomic
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: fields that say *how* to run, not *what* to train: a run dir's identity ignores them
@@ -454,9 +454,9 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     from accelerate import PartialState
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    from ..methods import build_peft_model, count_parameters
     from .base import load_model_and_tokenizer
     from .data import describe_splits
-    from ..methods import build_peft_model, count_parameters
 
     run_dir = cfg.resolved_output_dir()
     action = check_run_dir(cfg, run_dir)

@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from nora_peft.lab.bench import latency_table, saved_activation_bytes, small_llama
 from nora_peft.cli import main as cli_main
+from nora_peft.lab.bench import latency_table, saved_activation_bytes, small_llama
 from nora_peft.methods import AdapterSpec
 
 

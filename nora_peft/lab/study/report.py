@@ -472,9 +472,10 @@ def measure_latency(spec: StudySpec, out_dir: Path, log: Callable[[str], None]) 
         return None
     import torch
 
+    from nora_peft.methods import AdapterSpec
+
     from ..base import load_model_and_tokenizer
     from ..bench import latency_table
-    from nora_peft.methods import AdapterSpec
 
     r = int(spec.latency.get("rank", spec.verdict_ranks()[0]))
     bs, seq = int(spec.latency.get("batch_size", 1)), int(spec.latency.get("seq_len", 128))
