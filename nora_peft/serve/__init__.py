@@ -4,8 +4,9 @@
 ``adapters`` (reading peft adapter folders), ``cli`` (the command). See docs/serving.md.
 """
 
-from .adapters import AdapterError, read_adapter
+from .adapters import read_adapter
 from .app import create_app
 from .engine import Engine, GenRequest, MultiAdapterLinear
+from .errors import AdapterError
 
 __all__ = ["AdapterError", "Engine", "GenRequest", "MultiAdapterLinear", "create_app", "read_adapter"]

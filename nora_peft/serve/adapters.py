@@ -15,23 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 
 from ..config import check_adapter_weights_file, compute_scaling
+from .errors import AdapterError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|nora_up|nora_down)\.weight$")
-
-
-class AdapterError(ValueError):
-    """A problem with an adapter a client named or asked to load; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
 
 
 def check_adapter_name(name: object, param: str = "lora_name") -> str:
@@ -136,20 +127,17 @@ def read_adapter(path: str | os.PathLike, name: str) -> AdapterWeights:
     return adapter
 
 
-def check_fits(adapter: AdapterWeights, model: nn.Module) -> None:
-    """Raise :class:`AdapterError` (400) naming each layer whose shape does not match the base model."""
-    from .engine import MultiAdapterLinear
+def check_fits(adapter: AdapterWeights, linear_shapes: dict[str, tuple[int, int]]) -> None:
+    """Raise :class:`AdapterError` (400) naming each layer that is not a base linear layer of matching shape.
 
-    named = dict(model.named_modules())
+    ``linear_shapes`` is ``{module: (out_features, in_features)}`` of the base model's own linear layers.
+    """
     problems = []
     for module, (up, down, _) in adapter.modules.items():
-        layer = named.get(module)
-        if isinstance(layer, MultiAdapterLinear):
-            layer = layer.base
-        if not isinstance(layer, nn.Linear):
+        if module not in linear_shapes:
             problems.append(f"{module}: the base model has no linear layer of that name")
             continue
-        k, d = layer.in_features, layer.out_features
+        d, k = linear_shapes[module]
         if up.dim() != 2 or down.dim() != 2 or up.shape[1] != k or down.shape[0] != d or down.shape[1] != up.shape[0]:
             problems.append(
                 f"{module}: adapter has up {tuple(up.shape)} / down {tuple(down.shape)}, the base layer needs "

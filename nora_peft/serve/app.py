@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapters import AdapterError
 from .engine import Engine, GenRequest
+from .errors import AdapterError
 
 MAX_TOKENS_LIMIT = 4096
 

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,9 @@ import torch
 import torch.nn as nn
 
 from ..mixed import StackedAdapters, mixed_delta
-from .adapters import AdapterError, AdapterWeights, check_adapter_name, check_fits, read_adapter, scan_adapters_dir
+from .adapters import check_adapter_name, read_adapter, scan_adapters_dir
+from .errors import AdapterError
+from .pool import AdapterPool
 
 log = logging.getLogger("nora_peft.serve")
 
@@ -67,87 +69,6 @@ class MultiAdapterLinear(nn.Module):
             return out
         stack = StackedAdapters(up=self.up, down=self.down, kind=self.pool.kind, kinds=self.pool.kinds, names=())
         return out + mixed_delta(x, stack, index).to(out.dtype)
-
-
-class AdapterPool:
-    """Adapters held in memory: name -> slot in every :class:`MultiAdapterLinear`, least recently used evicted."""
-
-    def __init__(self, model: nn.Module, capacity: int, r_max: int = 8) -> None:
-        if capacity < 1:
-            raise ValueError(f"max_adapters must be >= 1; got {capacity}.")
-        self.model = model
-        self.capacity = capacity
-        self.r_max = r_max
-        self.layers: dict[str, MultiAdapterLinear] = {}
-        self.slots: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
-        self.adapters: dict[str, AdapterWeights] = {}
-        device = next(model.parameters()).device
-        self.kind = torch.zeros(capacity + 1, dtype=torch.long, device=device)
-        self.kinds: tuple[str, ...] = ("identity",)
-        self.index: torch.Tensor | None = None  # per-row slot indices of the current forward step
-        self.loads = 0
-        self.evictions = 0
-
-    def slot_of(self, name: str) -> int | None:
-        slot = self.slots.get(name)
-        if slot is not None:
-            self.slots.move_to_end(name)
-        return slot
-
-    def add(self, adapter: AdapterWeights, pinned: set[str] = frozenset()) -> int:  # type: ignore[assignment]
-        """Put ``adapter`` into a slot (replacing one of the same name), evicting the LRU unpinned adapter if full."""
-        check_fits(adapter, self.model)
-        if adapter.name in self.slots:
-            slot = self.slots[adapter.name]
-        else:
-            used = set(self.slots.values())
-            free = [s for s in range(self.capacity) if s not in used]
-            if not free:
-                victim = next((n for n in self.slots if n not in pinned), None)
-                if victim is None:
-                    raise AdapterError(
-                        f"All {self.capacity} adapter slots are in use by the running batch; raise --max-adapters.",
-                        status=503,
-                    )
-                free = [self.remove(victim)]
-                self.evictions += 1
-            slot = free[0]
-        if adapter.max_rank > self.r_max:
-            self.r_max = adapter.max_rank
-            for layer in self.layers.values():
-                layer.grow_rank(self.r_max)
-        for module in adapter.modules:
-            if module not in self.layers:
-                self._wrap(module)
-        if adapter.activation not in self.kinds:
-            self.kinds = (*self.kinds, adapter.activation)
-        self.kind[slot] = self.kinds.index(adapter.activation)
-        for module, layer in self.layers.items():
-            up, down, scaling = adapter.modules.get(module, (None, None, 0.0))
-            layer.set_slot(slot, up, down, scaling)
-        self.slots[adapter.name] = slot
-        self.slots.move_to_end(adapter.name)
-        self.adapters[adapter.name] = adapter
-        self.loads += 1
-        return slot
-
-    def remove(self, name: str) -> int:
-        """Free ``name``'s slot; returns the slot."""
-        slot = self.slots.pop(name)
-        self.adapters.pop(name, None)
-        for layer in self.layers.values():
-            layer.set_slot(slot, None, None, 0.0)
-        return slot
-
-    def _wrap(self, module: str) -> None:
-        parent_name, _, child = module.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        layer = MultiAdapterLinear(getattr(parent, child), self)
-        for name, slot in self.slots.items():  # adapters loaded earlier that target this module
-            up, down, scaling = self.adapters[name].modules.get(module, (None, None, 0.0))
-            layer.set_slot(slot, up, down, scaling)
-        setattr(parent, child, layer)
-        self.layers[module] = layer
 
 
 @dataclass
@@ -216,7 +137,7 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        self.pool = AdapterPool(model, max_adapters)
+        self.pool = AdapterPool(model, max_adapters, MultiAdapterLinear)
         self.registry: dict[str, str] = scan_adapters_dir(adapters_dir)  # every adapter a client may name
         self.queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
         self.pending: deque[GenRequest] = deque()
@@ -236,7 +157,7 @@ class Engine:
             for name in list(self.registry):
                 try:
                     adapter = read_adapter(self.registry[name], name)
-                    check_fits(adapter, self.model)
+                    self.pool.check_fits(adapter)
                 except AdapterError as e:
                     log.error("skipping adapter %s: %s", name, e)
                     del self.registry[name]
