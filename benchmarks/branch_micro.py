@@ -3,7 +3,7 @@
 
     python benchmarks/branch_micro.py [--tokens 1024] [--width 256] [--repeats 80]
 
-Isolates the adapter branch from the rest of the model: the whole-model step is ``benchmarks/train_step.py``.
+Isolates the adapter branch from the rest of the model: the whole-model step is ``nora bench --what train``.
 """
 
 from __future__ import annotations

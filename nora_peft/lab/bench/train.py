@@ -1,0 +1,157 @@
+"""``--what train``: fwd + bwd + AdamW step time and activation memory, NoRA vs peft LoRA at equal rank and dropout.
+
+Memory on CPU is the bytes of the unique tensor storages the autograd graph saves for backward (via
+``torch.autograd.graph.saved_tensors_hooks``), parameters excluded; on CUDA it is ``torch.cuda.max_memory_allocated``
+during the step minus what was allocated before it. :func:`compare_train_steps` is reused by the ``real`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ...methods import AdapterSpec, build_peft_model
+from .harness import ALL_LINEAR, alternate, log, median_ms, random_ids, saved_activation_bytes, small_llama
+
+
+def _train_step(model: nn.Module, ids: torch.Tensor, autocast: torch.dtype | None) -> Callable[[], None]:
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    device_type = ids.device.type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _step_memory(model: nn.Module, ids: torch.Tensor, step: Callable[[], None], autocast: torch.dtype | None) -> int:
+    """Activation memory of one step (see the module docstring); AdamW state is allocated before measuring."""
+    device = ids.device
+    step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - before
+
+    def loss() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            return model(input_ids=ids, labels=ids).loss
+
+    got = saved_activation_bytes(model, loss)
+    model.zero_grad(set_to_none=True)
+    return got
+
+
+def compare_train_steps(
+    base: nn.Module,
+    ids: torch.Tensor,
+    specs: dict[str, AdapterSpec],
+    *,
+    repeats: int,
+    warmup: int,
+    autocast: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Step time (alternating repeats) and activation memory of each spec on a copy of ``base``.
+
+    Returns ``{"ms": {name: median}, "mem_bytes": {name: bytes}, "step_times_ms": {name: [...]}, "memory_measure"}``.
+    """
+    steps, memory = {}, {}
+    for name, spec in specs.items():
+        torch.manual_seed(0)
+        model = build_peft_model(copy.deepcopy(base), spec).train()
+        steps[name] = _train_step(model, ids, autocast)
+        memory[name] = _step_memory(model, ids, steps[name], autocast)
+    times = alternate(steps, repeats=repeats, warmup=warmup, device=ids.device)
+    return {
+        "ms": {name: median_ms(t) for name, t in times.items()},
+        "mem_bytes": memory,
+        "step_times_ms": {name: [1000 * t for t in ts] for name, ts in times.items()},
+        "memory_measure": "cuda_max_allocated_during_step"
+        if ids.device.type == "cuda"
+        else "saved_for_backward_unique_storages_excl_params",
+    }
+
+
+def bench_train(
+    *,
+    ranks: tuple[int, ...] = (8, 64),
+    dropouts: tuple[float, ...] = (0.0, 0.05),
+    hidden: int = 256,
+    layers: int = 4,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    repeats: int = 10,
+    warmup: int = 2,
+    targets: list[str] | None = None,
+    device: torch.device | None = None,
+) -> list[dict]:
+    """NoRA vs peft LoRA training step (fwd + bwd + AdamW) at equal rank and dropout, measured alternately."""
+    device = device or torch.device("cpu")
+    base = small_llama(hidden, layers, device=device)
+    ids = random_ids(batch_size, seq_len, base.config.vocab_size, device)
+    rows = []
+    for r in ranks:
+        for p in dropouts:
+            specs = {
+                m: AdapterSpec(method=m, r=r, dropout=p, target_modules=targets or ALL_LINEAR) for m in ("lora", "nora")
+            }
+            log(f"train r={r} dropout={p}: timing {repeats} alternating repeats")
+            got = compare_train_steps(base, ids, specs, repeats=repeats, warmup=warmup)
+            ms, mem = got["ms"], got["mem_bytes"]
+            rows.append(
+                {
+                    "r": r,
+                    "dropout": p,
+                    "lora_ms": ms["lora"],
+                    "nora_ms": ms["nora"],
+                    "time_ratio_nora_over_lora": ms["nora"] / ms["lora"],
+                    "lora_mem_bytes": mem["lora"],
+                    "nora_mem_bytes": mem["nora"],
+                    "mem_ratio_nora_over_lora": mem["nora"] / mem["lora"],
+                    "memory_measure": got["memory_measure"],
+                    "lora_step_times_ms": got["step_times_ms"]["lora"],
+                    "nora_step_times_ms": got["step_times_ms"]["nora"],
+                }
+            )
+    return rows
+
+
+def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The section's results under the key ``train``."""
+    q = args.quick
+    rows = bench_train(
+        ranks=(8,) if q else (8, 64),
+        dropouts=(0.0,) if q else (0.0, 0.05),
+        hidden=32 if q else args.hidden,
+        layers=1 if q else 4,
+        seq_len=16 if q else 128,
+        batch_size=2 if q else 8,
+        repeats=args.repeats or (2 if q else 10),
+        warmup=1 if q else 2,
+        device=device,
+    )
+    return {"train": rows}
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    """The table of ``results["train"]``."""
+    print("\ntraining step (fwd+bwd+AdamW), NoRA vs LoRA, medians")
+    print(
+        f"{'r':>4} {'drop':>5} {'lora ms':>9} {'nora ms':>9} {'time x':>7} {'lora MiB':>9} {'nora MiB':>9} {'mem x':>6}"
+    )
+    for row in results["train"]:
+        print(
+            f"{row['r']:>4} {row['dropout']:>5} {row['lora_ms']:>9.1f} {row['nora_ms']:>9.1f} "
+            f"{row['time_ratio_nora_over_lora']:>7.3f} {row['lora_mem_bytes'] / 2**20:>9.1f} "
+            f"{row['nora_mem_bytes'] / 2**20:>9.1f} {row['mem_ratio_nora_over_lora']:>6.3f}"
+        )
