@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,8 @@ import torch.nn as nn
 
 from ..ops import activation_fn
 from .io import write_json_atomic
+from .plotting import pyplot, save
+from .torch_utils import eval_mode
 
 ENERGY_THRESHOLD = 0.9
 
@@ -219,16 +220,6 @@ class ActivationRecorder:
         return latent_sv, torch.linalg.svdvals(m).numpy()
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 def collect_activation_spectra(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -241,7 +232,7 @@ def collect_activation_spectra(
         raise ValueError("The model has no NoRA or LoRA adapter layers to analyse (is it a PeftModel?).")
     device = next(model.parameters()).device
     rec = ActivationRecorder(factors)
-    with rec, _eval_mode(model), torch.no_grad():
+    with rec, eval_mode(model), torch.no_grad():
         for batch in batches:
             mask = batch.get("attention_mask")
             rec.token_mask = None if mask is None else mask.to(device)
@@ -335,19 +326,9 @@ def summary(analysis: dict[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # Figures (matplotlib, Agg backend)
 # ---------------------------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_spectra(curves: dict[str, list[float]], path: Path, *, title: str, ylabel: str, log: bool = True) -> Path:
     """One line per label (e.g. method) of a decreasing curve indexed by component 1..n; log y when ``log``."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     for label, ys in curves.items():
         if len(ys):
             ax.plot(range(1, len(ys) + 1), ys, marker="o" if len(ys) <= 16 else None, ms=3, label=label)
@@ -358,16 +339,11 @@ def plot_spectra(curves: dict[str, list[float]], path: Path, *, title: str, ylab
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_run(analysis: dict[str, Any], out_dir: Path, label: str = "adapter") -> list[Path]:
     """Figures of one run: mean normalised update spectrum (log y), cumulative energy, per-layer effective ranks."""
-    plt = _plt()
     agg = analysis["aggregate"]
     paths = [
         plot_spectra(
@@ -386,7 +362,7 @@ def plot_run(analysis: dict[str, Any], out_dir: Path, label: str = "adapter") ->
     ]
     layers = analysis["layers"]
     if layers and "latent" in layers[0]:
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(layers)), 3.5))
+        fig, ax = pyplot().subplots(figsize=(max(5.0, 0.25 * len(layers)), 3.5))
         x = np.arange(len(layers))
         ax.bar(x - 0.2, [lay["latent"]["effective_rank"] for lay in layers], 0.4, label="latent")
         ax.bar(x + 0.2, [lay["output"]["effective_rank"] for lay in layers], 0.4, label="output")
@@ -395,10 +371,7 @@ def plot_run(analysis: dict[str, Any], out_dir: Path, label: str = "adapter") ->
         ax.set_ylabel("effective rank")
         ax.set_title(f"Effective rank of adapter activations ({label})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "effective_rank.png", dpi=110)
-        plt.close(fig)
-        paths.append(out_dir / "effective_rank.png")
+        paths.append(save(fig, out_dir / "effective_rank.png"))
     return paths
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import read_json, write_json_atomic
+from .torch_utils import eval_mode
 
 #: how many {id, prediction, gold} examples a result keeps for eyeballing
 N_EXAMPLES = 5
@@ -33,19 +34,6 @@ class AdapterMismatchError(ValueError):
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-class _eval_mode:
-    """Put a model in eval mode for a block and restore its previous mode after."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,7 +77,7 @@ def perplexities(
     device = _device(model)
     total_nll = {"response": torch.zeros((), dtype=torch.float64), "full": torch.zeros((), dtype=torch.float64)}
     total_tokens = {"response": 0, "full": 0}
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start : start + batch_size]
             keys = ("input_ids", "attention_mask", "labels")
@@ -150,7 +138,7 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = prompt_ids(tokenizer, records)
     outputs: list[str] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             width = max(len(p) for p in chunk)
