@@ -1,0 +1,203 @@
+"""``nora_peft.checkpoint``: adapter folders read and validated without layers; each hostile file named and refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nora_peft.checkpoint import CheckpointError, check_shapes, read_checkpoint, read_config
+from nora_peft.methods import AdapterSpec, build_peft_model
+from tests.tiny_models import tiny_causal_lm
+
+ATTN = "model.layers.0.self_attn"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_causal_lm("llama")
+
+
+@pytest.fixture(scope="module")
+def linear_shapes(base):
+    return {n: (m.out_features, m.in_features) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def save(base, spec: AdapterSpec, folder: Path):
+    spec = copy.deepcopy(spec)
+    spec.extra = {"init_weights": False} if spec.method == "nora" else {"init_lora_weights": False}
+    model = build_peft_model(copy.deepcopy(base), spec)
+    model.save_pretrained(str(folder))
+    return model
+
+
+def edit_config(folder: Path, **changes) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def edit_tensors(folder: Path, change) -> None:
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        AdapterSpec(r=4, activation="relu", alpha=12, target_modules=["q_proj", "down_proj"]),
+        AdapterSpec(r=4, scaling="rslora", target_modules=["v_proj"]),
+        AdapterSpec(method="lora", r=4, alpha=6),
+        AdapterSpec(method="rslora", r=2, alpha=5),
+    ],
+    ids=["nora", "nora-rslora", "lora", "rslora"],
+)
+def test_read_matches_peft_weights_and_scaling(tmp_path, base, linear_shapes, spec):
+    model = save(base, spec, tmp_path)
+    ckpt = read_checkpoint(tmp_path, name="a", expected=linear_shapes)
+    layers = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "nora_up") or hasattr(m, "lora_A")}
+    assert set(ckpt.modules) == set(layers) and ckpt.modules
+    for module, (up, down, scaling) in ckpt.modules.items():
+        layer = layers[module]
+        if spec.method == "nora":
+            ref_up, ref_down = layer.nora_up["default"].weight, layer.nora_down["default"].weight
+        else:
+            ref_up, ref_down = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert torch.equal(up, ref_up.detach()) and torch.equal(down, ref_down.detach())
+        # independent reference: the scaling rule written out
+        expected = spec.resolved_alpha / (math.sqrt(spec.r) if "rslora" in (spec.method, spec.scaling) else spec.r)
+        assert scaling == pytest.approx(expected) == pytest.approx(layer.scaling["default"])
+    assert ckpt.activation == (spec.activation if spec.method == "nora" else "identity")
+
+
+def refused(folder, match: str, **kwargs) -> str:
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_checkpoint(folder, label="'x'", **kwargs)
+    assert str(folder) not in str(err.value)  # the label, never the path
+    return str(err.value)
+
+
+@pytest.fixture
+def nora_dir(tmp_path, base):
+    save(base, AdapterSpec(r=4, target_modules=["q_proj"]), tmp_path / "a")
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"activation": "bogus"}, "activation must be one of"),  # finding 1
+        ({"scaling": "bogus"}, "scaling must be one of"),  # finding 2
+        ({"alpha": "8"}, "alpha must be a finite number"),  # finding 14
+        ({"alpha": float("inf")}, "alpha must be a finite number"),
+        ({"r": 0}, "r must be a positive integer"),
+        ({"peft_type": "IA3"}, "only 'NORA' and 'LORA'"),
+        ({"granularity": "module"}, "per-weight"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ],
+)
+def test_bad_nora_config_is_refused(nora_dir, changes, match):
+    edit_config(nora_dir, **changes)
+    refused(nora_dir, match)
+
+
+def test_bad_lora_config_is_refused(tmp_path, base):
+    save(base, AdapterSpec(method="lora", r=4, target_modules=["q_proj"]), tmp_path)
+    for changes, match in [
+        ({"lora_alpha": "8"}, "lora_alpha must be a finite number"),
+        ({"r": -1}, "r must be a positive integer"),
+        ({"use_dora": True}, "use_dora"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ]:
+        original = (tmp_path / "adapter_config.json").read_text()
+        edit_config(tmp_path, **changes)
+        refused(tmp_path, match)
+        (tmp_path / "adapter_config.json").write_text(original)
+
+
+def test_config_that_is_not_an_object(nora_dir):
+    (nora_dir / "adapter_config.json").write_text("[1, 2]")
+    refused(nora_dir, "must be a JSON object")
+    (nora_dir / "adapter_config.json").write_text("{not json")
+    refused(nora_dir, "not readable JSON")
+
+
+def test_pickle_only_folder_gets_the_pickle_message(nora_dir):  # finding 16
+    (nora_dir / "adapter_model.safetensors").rename(nora_dir / "adapter_model.bin")
+    refused(nora_dir, "safetensors only, never pickle")
+
+
+def test_no_config_is_not_an_adapter_folder(tmp_path):
+    refused(tmp_path, "not a peft adapter folder")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda t: t.update({k: v.to(torch.int32) for k, v in t.items()}), "must be floating point"),  # 17
+        (lambda t: t.update({k: v.fill_(float("nan")) for k, v in t.items() if "up" in k}), "NaN or infinite"),  # 17
+        (lambda t: t.update({k: v[:0] for k, v in t.items()}), "2-D with r >= 1"),  # 14: rank 0
+        (lambda t: t.update({k: v[0, 0].clone() for k, v in t.items()}), "2-D with r >= 1"),  # 14: 0-d
+        (lambda t: t.update({"x.weight": torch.zeros(2, 2)}), "not a nora_up/nora_down weight"),
+        (lambda t: [t.pop(k) for k in [k for k in t if "down" in k]], "only half"),
+        (lambda t: t.update({k: torch.zeros(6, v.shape[1]) for k, v in t.items() if "up" in k}), "needs"),
+    ],
+    ids=["int32", "nan", "rank0", "0d", "foreign-key", "half", "rank-vs-config"],
+)
+def test_bad_tensors_are_refused(nora_dir, linear_shapes, change, match):
+    edit_tensors(nora_dir, change)
+    refused(nora_dir, match, expected=linear_shapes)
+
+
+def test_huge_alpha_is_refused(nora_dir, linear_shapes):  # finding 17
+    edit_config(nora_dir, alpha=1e300)
+    refused(nora_dir, "scaling", expected=linear_shapes)
+
+
+def test_targets_must_be_the_bases_own_linear_layers(nora_dir, linear_shapes):  # finding 4
+    def retarget(t):
+        for k in list(t):
+            t[k.replace("q_proj.", "q_proj.base.")] = t.pop(k)
+
+    edit_tensors(nora_dir, retarget)
+    message = refused(nora_dir, "no such layer", expected=linear_shapes)
+    assert "q_proj.base" in message
+
+
+def test_rank_limit(tmp_path, base, linear_shapes):  # finding 6
+    save(base, AdapterSpec(r=16, target_modules=["k_proj"]), tmp_path)  # k_proj is 32 -> 16: min(d, k) = 16
+    assert read_checkpoint(tmp_path, expected=linear_shapes).max_rank == 16
+    refused(tmp_path, r"max rank 8", expected=linear_shapes, max_rank=8)
+    edit_config(tmp_path, r=32)
+    edit_tensors(
+        tmp_path, lambda t: t.update({k: torch.zeros(32, 32) if "up" in k else torch.zeros(16, 32) for k in t})
+    )
+    refused(tmp_path, r"min\(out, in\) of that layer, 16", expected=linear_shapes)
+
+
+def test_wider_base_names_layer_and_shapes(tmp_path, linear_shapes):
+    wide = tiny_causal_lm("llama", hidden_size=48)
+    save(wide, AdapterSpec(r=4, target_modules=["q_proj"]), tmp_path)
+    message = refused(tmp_path, "does not fit this base model", expected=linear_shapes)
+    assert f"{ATTN}.q_proj.nora_up" in message and "(4, 48)" in message and "(4, 32)" in message
+
+
+def test_check_shapes_lists_every_problem():
+    with pytest.raises(CheckpointError) as err:
+        check_shapes({"a": (2, 3), "b": (1,)}, {"a": (2, 4), "c": (5,)}, "'x'")
+    text = str(err.value)
+    assert "a: adapter has shape (2, 3), the model needs (2, 4)" in text
+    assert "b: in the adapter but the model has no such layer" in text
+    assert "c: expected by the config but missing" in text
+    check_shapes({"a": (2, 3)}, {"a": (2, 3), "c": (1,)}, "'x'", require_all=False)
+
+
+def test_read_config_returns_the_validated_config(nora_dir):
+    config = read_config(nora_dir)
+    assert config.r == 4 and config.activation == "silu"
