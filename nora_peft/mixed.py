@@ -8,9 +8,17 @@ scaling) -- of any ranks up to ``r_max`` is computed without a Python loop over 
     a    = act_{kind[idx]}(z)                       (B, T, r_max)      per-adapter activation
     out  = bmm(a, (s * W_down)[idx]^T)              (B, T, d)          expand
 
-``stack_adapters`` pads every adapter to ``r_max`` with zero rows of ``W_up`` and zero columns of ``W_down`` (a
-padded latent unit contributes ``W_down[:, j] * act(0) = 0``), folds the scaling ``s`` into ``W_down``, and appends one
-all-zero slot that rows with index ``-1`` are routed to, so they receive an exact zero delta.
+Slots are written by :func:`write_slot` (the one place that pads and folds the scaling): ``W_up`` fills the first
+``r`` rows of its slot and ``s * W_down`` the first ``r`` columns, the rest stays zero. Padding is exact, because a
+padded latent unit contributes ``W_down[:, j] * act(0) = 0`` for every activation of :data:`nora_peft.ops.ACTIVATIONS`.
+``stack_adapters`` appends one all-zero slot that rows with index ``-1`` are routed to, so they get an exact zero.
+
+**Rank buckets and segments** (SGMV-style, for a server whose adapters have very different ranks). Padding every
+adapter to the largest rank makes an r=8 row pay for r=256 when one r=256 adapter is loaded. Instead, adapters are
+stored in stacks per :func:`rank_bucket` (powers of two), and a batch is split into :class:`Segment` s, one per bucket
+present in it (:func:`plan_segments`, computed once per step on the host). :func:`segmented_delta` runs one gathered
+pass per segment, so a batch's adapter cost follows the ranks actually in it; rows without an adapter are in no
+segment and cost nothing; a segment whose rows all use one adapter skips the gather (two plain matmuls).
 
 Activations that differ between adapters are handled with a small per-row mask: each activation *kind* present in the
 stack (at most the 5 of :data:`nora_peft.ops.ACTIVATIONS`) is applied to the whole r-wide latent and the row's own
@@ -22,24 +30,27 @@ one kind (the common case) does no masking at all. Grouping rows per kind instea
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .ops import activation_fn
 
+#: the smallest padded rank of a bucket; below it, padding costs less than another segment
+MIN_BUCKET_RANK = 8
+
 
 @dataclass(frozen=True)
 class StackedAdapters:
-    """Adapters stacked for the gathered pass. ``A`` adapters plus one trailing all-zero slot (index ``A``).
+    """Adapters stacked for the gathered pass: one slot each, every rank zero-padded to ``r_max``.
 
     Attributes:
-        up: ``(A + 1, r_max, k)`` -- each ``W_up`` zero-padded to ``r_max`` rows.
-        down: ``(A + 1, d, r_max)`` -- each ``s * W_down`` zero-padded to ``r_max`` columns.
-        kind: ``(A + 1,)`` long -- index into ``kinds`` of each slot's activation.
+        up: ``(S, r_max, k)`` -- each ``W_up`` zero-padded to ``r_max`` rows.
+        down: ``(S, d, r_max)`` -- each ``s * W_down`` zero-padded to ``r_max`` columns.
+        kind: ``(S,)`` long -- index into ``kinds`` of each slot's activation.
         kinds: the activation names present, e.g. ``("silu", "identity")``.
-        names: the adapter name of each of the first ``A`` slots.
+        names: the adapter name of each named slot (``stack_adapters``: all but the trailing all-zero slot).
     """
 
     up: torch.Tensor
@@ -47,11 +58,6 @@ class StackedAdapters:
     kind: torch.Tensor
     kinds: tuple[str, ...]
     names: tuple[str, ...]
-
-    @property
-    def none_slot(self) -> int:
-        """The all-zero slot that rows with index ``-1`` use."""
-        return self.up.shape[0] - 1
 
     def index(self, row_names: Sequence[str | None], device: torch.device | str | None = None) -> torch.Tensor:
         """Per-row slot indices for adapter names; names not in the stack (``None``, ``"__base__"``) get ``-1``.
@@ -67,25 +73,57 @@ def _row_index(names: tuple[str, ...], row_names: tuple, device: torch.device) -
     return torch.tensor([slot.get(n, -1) for n in row_names], dtype=torch.long, device=device)
 
 
+def rank_bucket(r: int) -> int:
+    """The padded rank a rank-``r`` adapter is stored at: the next power of two, at least :data:`MIN_BUCKET_RANK`.
+
+    Powers of two bound the number of buckets (at most 6 from 8 to 256) and the padding (less than 2x).
+    """
+    if r < 1:
+        raise ValueError(f"An adapter rank must be >= 1; got {r}.")
+    return max(MIN_BUCKET_RANK, 1 << (r - 1).bit_length())
+
+
+@torch.no_grad()
+def write_slot(
+    up: torch.Tensor,
+    down: torch.Tensor,
+    slot: int,
+    w_up: torch.Tensor | None,
+    w_down: torch.Tensor | None,
+    scaling: float,
+) -> None:
+    """Write one adapter into ``slot`` of stacked ``up (S, r_max, k)`` / ``down (S, d, r_max)`` tensors.
+
+    ``W_up (r, k)`` fills the first ``r`` rows, ``scaling * W_down (d, r)`` the first ``r`` columns, and the padding
+    is zeroed; ``None`` (the adapter does not target this layer) leaves an all-zero slot, an exact no-op.
+    """
+    up[slot].zero_()
+    down[slot].zero_()
+    if w_up is None or w_down is None:
+        return
+    r, k = w_up.shape
+    if r > up.shape[1] or k != up.shape[2] or w_down.shape != (down.shape[1], r):
+        raise ValueError(
+            f"W_up {tuple(w_up.shape)} / W_down {tuple(w_down.shape)} do not fit a stack of W_up (r<={up.shape[1]}, "
+            f"{up.shape[2]}) and W_down ({down.shape[1]}, r); stack only adapters of the same layer, r <= r_max."
+        )
+    up[slot, :r] = w_up.detach().to(up)
+    down[slot, :, :r] = w_down.detach().to(down) * scaling
+
+
 def stack_adapters(
-    adapters: Sequence[tuple[str, torch.Tensor, torch.Tensor, float, str]],
-    *,
-    r_max: int | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
+    adapters: Sequence[tuple[str, torch.Tensor, torch.Tensor, float, str]], *, r_max: int | None = None
 ) -> StackedAdapters:
     """Stack ``(name, W_up (r, k), W_down (d, r), scaling, activation)`` tuples for :func:`mixed_delta`.
 
     A LoRA adapter is ``(name, lora_A.weight, lora_B.weight, lora_scaling, "identity")``. ``r_max`` defaults to the
-    largest rank; ``dtype``/``device`` default to the first adapter's. The result holds detached copies.
+    largest rank. The stack has the first adapter's dtype and device, one trailing all-zero slot (for index ``-1``),
+    and holds detached copies.
     """
     if not adapters:
         raise ValueError("stack_adapters needs at least one adapter; route rows without one to index -1 instead.")
     first_up = adapters[0][1]
-    k = first_up.shape[1]
-    d = adapters[0][2].shape[0]
-    dtype = dtype or first_up.dtype
-    device = device or first_up.device
+    k, d = first_up.shape[1], adapters[0][2].shape[0]
     ranks = [a[1].shape[0] for a in adapters]
     r_max = r_max or max(ranks)
     if max(ranks) > r_max:
@@ -93,28 +131,23 @@ def stack_adapters(
     kinds = tuple(dict.fromkeys(a[4] for a in adapters))
     for act in kinds:
         activation_fn(act)  # validates the name
-    up = torch.zeros(len(adapters) + 1, r_max, k, dtype=dtype, device=device)
-    down = torch.zeros(len(adapters) + 1, d, r_max, dtype=dtype, device=device)
-    with torch.no_grad():
-        for i, (name, w_up, w_down, scaling, _act) in enumerate(adapters):
-            r = w_up.shape[0]
-            if w_up.shape != (r, k) or w_down.shape != (d, r):
-                raise ValueError(
-                    f"Adapter {name!r} has W_up {tuple(w_up.shape)} and W_down {tuple(w_down.shape)}; this stack "
-                    f"needs W_up (r, {k}) and W_down ({d}, r). Stack only adapters of the same layer."
-                )
-            up[i, :r] = w_up.detach().to(device=device, dtype=dtype)
-            down[i, :, :r] = w_down.detach().to(device=device, dtype=dtype) * scaling
-    kind = torch.tensor([kinds.index(a[4]) for a in adapters] + [0], dtype=torch.long, device=device)
+    up = first_up.new_zeros(len(adapters) + 1, r_max, k)
+    down = first_up.new_zeros(len(adapters) + 1, d, r_max)
+    for i, (name, w_up, w_down, scaling, _act) in enumerate(adapters):
+        try:
+            write_slot(up, down, i, w_up, w_down, scaling)
+        except ValueError as e:
+            raise ValueError(f"Adapter {name!r}: {e}") from None
+    kind = torch.tensor([kinds.index(a[4]) for a in adapters] + [0], dtype=torch.long, device=up.device)
     return StackedAdapters(up=up, down=down, kind=kind, kinds=kinds, names=tuple(a[0] for a in adapters))
 
 
 def mixed_delta(x: torch.Tensor, stacked: StackedAdapters, index: torch.Tensor) -> torch.Tensor:
     """The adapter branch of each row under its own adapter, in one gathered pass.
 
-    ``x`` is ``(B, ..., k)``; ``index`` is ``(B,)`` slot indices into ``stacked`` (``-1``: no adapter, zero delta).
-    Returns ``(B, ..., d)`` in the stack's dtype (``x`` is cast to it). Row ``b`` equals
-    ``s_i * W_down_i act_i(W_up_i x_b)`` for ``i = index[b]``.
+    ``x`` is ``(B, ..., k)``; ``index`` is ``(B,)`` slot indices into ``stacked`` (``-1``: the last slot, which
+    ``stack_adapters`` leaves all-zero). Returns ``(B, ..., d)`` in the stack's dtype (``x`` is cast to it). Row ``b``
+    equals ``s_i * W_down_i act_i(W_up_i x_b)`` for ``i = index[b]``.
     """
     if index.shape != (x.shape[0],):
         raise ValueError(f"index must have one entry per batch row: shape ({x.shape[0]},), got {tuple(index.shape)}.")
@@ -137,3 +170,81 @@ def _activate(z: torch.Tensor, stacked: StackedAdapters, idx: torch.Tensor) -> t
     for j, name in enumerate(kinds[1:], start=1):
         out = torch.where((row_kind == j).view(-1, 1, 1), activation_fn(name)(z), out)
     return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rows of a batch that use one stack (e.g. one rank bucket).
+
+    Attributes:
+        key: which stack (the bucket's padded rank in the server).
+        rows: ``(n,)`` long, the batch rows of this segment; ``None`` when it is every row of the batch.
+        index: ``(n,)`` long, each row's slot in that stack.
+        slot: the slot every row uses when they all share one (the pass then needs no gather), else ``None``.
+        activation: that slot's activation when ``slot`` is set.
+    """
+
+    key: Hashable
+    rows: torch.Tensor | None
+    index: torch.Tensor
+    slot: int | None = None
+    activation: str | None = None
+
+
+def plan_segments(
+    row_slots: Sequence[tuple[Hashable, int] | None],
+    activations: Mapping[tuple[Hashable, int], str] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Segment, ...]:
+    """Group batch rows by stack: ``row_slots[b]`` is ``(key, slot)`` or ``None`` (no adapter: in no segment).
+
+    Computed on the host once per step and shared by every layer. ``activations[(key, slot)]`` lets a segment whose
+    rows share one slot skip the gather.
+    """
+    groups: dict[Hashable, list[tuple[int, int]]] = {}
+    for row, ks in enumerate(row_slots):
+        if ks is not None:
+            groups.setdefault(ks[0], []).append((row, ks[1]))
+    segments = []
+    for key, members in groups.items():
+        rows = [r for r, _ in members]
+        slots = [s for _, s in members]
+        every_row = len(rows) == len(row_slots)
+        shared = slots[0] if activations is not None and len(set(slots)) == 1 else None
+        segments.append(
+            Segment(
+                key=key,
+                rows=None if every_row else torch.tensor(rows, dtype=torch.long, device=device),
+                index=torch.tensor(slots, dtype=torch.long, device=device),
+                slot=shared,
+                activation=None if shared is None else activations[(key, shared)],
+            )
+        )
+    return tuple(segments)
+
+
+def segmented_delta(
+    x: torch.Tensor, stacks: Mapping[Hashable, StackedAdapters], segments: Sequence[Segment]
+) -> torch.Tensor | None:
+    """The adapter branch of a batch split into segments: one pass per segment; ``None`` when no row has an adapter.
+
+    ``x`` is ``(B, ..., k)``; returns ``(B, ..., d)`` in the stacks' dtype, zero on rows in no segment.
+    """
+    if not segments:
+        return None
+    if len(segments) == 1 and segments[0].rows is None:
+        return _segment_delta(x, stacks[segments[0].key], segments[0])
+    out = None
+    for seg in segments:
+        delta = _segment_delta(x.index_select(0, seg.rows), stacks[seg.key], seg)
+        if out is None:
+            out = delta.new_zeros(*x.shape[:-1], delta.shape[-1])
+        out.index_copy_(0, seg.rows, delta)
+    return out
+
+
+def _segment_delta(x: torch.Tensor, stacked: StackedAdapters, seg: Segment) -> torch.Tensor:
+    if seg.slot is None:
+        return mixed_delta(x, stacked, seg.index)
+    x = x.to(stacked.up.dtype)  # one adapter for every row: two plain matmuls, no per-row copies of the weights
+    return activation_fn(seg.activation)(x @ stacked.up[seg.slot].t()) @ stacked.down[seg.slot].t()

@@ -1,21 +1,45 @@
 """The adapter pool: adapter names -> slots in every adapted layer, least recently used evicted (vLLM's LoRA manager).
 
 The pool owns which linear layers of the base model are wrapped, which adapter sits in which slot, and the checks an
-adapter passes before it gets one. The layer class that holds the stacked slots is given to it (``layer_factory``),
-so the pool does not import the engine.
+adapter passes before it gets one. Where a slot's weights live (rank buckets) is ``serve.layers.SlotStacks``'s job.
+
+It also owns the registry of adapters a client may name (``name -> folder``): what ``--adapters-dir`` holds at
+start-up plus what ``POST /v1/load_lora_adapter`` adds. Every adapter is read through
+:func:`nora_peft.checkpoint.read_checkpoint` against the base model's own linear layers (never the server's wrappers)
+with the rank limit, so a bad one is refused at load (400) or skipped at start-up with a logged reason, and the
+messages a client sees name the adapter, never a server path.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Iterable
+from pathlib import Path
 
-import torch
 import torch.nn as nn
 
-from .adapters import AdapterWeights, check_fits
+from ..checkpoint import AdapterCheckpoint, CheckpointError, check_shapes, read_checkpoint
 from .errors import AdapterError
+from .layers import MultiAdapterLinear, SlotStacks
+
+log = logging.getLogger("nora_peft.serve")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+AdapterWeights = AdapterCheckpoint  # the pool holds checkpoints as read
+
+
+def check_adapter_name(name: object, param: str = "lora_name") -> str:
+    """Adapter names are names, not paths: letters, digits, ``.``, ``_``, ``-`` (the whole string); no ``..``."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+        raise AdapterError(
+            f"{param} must be an adapter name (letters, digits, '.', '_', '-'; at most 128 characters; no '/', "
+            f"no '..', not a path); got {shown}. Load a folder with POST /v1/load_lora_adapter "
+            '{"lora_name": NAME, "lora_path": PATH} and then use NAME.',
+            param=param,
+        )
+    return name
 
 
 class AdapterPool:
@@ -24,38 +48,174 @@ class AdapterPool:
     Args:
         model: the base model; its own ``nn.Linear`` layers (recorded here, before any wrapping) are the only
             layers an adapter may target.
-        capacity: how many adapters fit at once (slots); the layers get one more, all-zero slot for base rows.
-        layer_factory: ``layer_factory(linear, pool)`` builds the module that replaces a targeted linear layer; it
-            must offer ``set_slot(slot, up, down, scaling)``, ``grow_rank(r_max)`` and ``.base``.
-        r_max: the initial padded rank of every slot.
+        capacity: how many adapters fit at once (slots).
+        adapters_dir: the folder of adapter folders; relative ``lora_path`` s resolve under it.
+        allow_external_paths: accept ``lora_path`` outside ``adapters_dir`` (default: 403).
+        max_rank: the largest adapter rank accepted (``None``: ``min(out, in)`` of each targeted layer).
+        reserved: names no adapter may take (the base model's).
     """
 
     def __init__(
-        self, model: nn.Module, capacity: int, layer_factory: Callable[[nn.Linear, AdapterPool], Any], r_max: int = 8
+        self,
+        model: nn.Module,
+        capacity: int,
+        *,
+        adapters_dir: str | None = None,
+        allow_external_paths: bool = False,
+        max_rank: int | None = None,
+        reserved: Iterable[str] = (),
     ) -> None:
         if capacity < 1:
             raise ValueError(f"max_adapters must be >= 1; got {capacity}.")
         self.model = model
         self.capacity = capacity
-        self.layer_factory = layer_factory
-        self.r_max = r_max
+        self.stacks = SlotStacks(next(model.parameters()).device)
         #: ``{module: (out_features, in_features)}`` of the base model's own linear layers (never the wrappers)
         self.linear_shapes: dict[str, tuple[int, int]] = {
             name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
         }
-        self.layers: dict[str, Any] = {}
+        self.layers: dict[str, MultiAdapterLinear] = {}
         self.slots: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
         self.adapters: dict[str, AdapterWeights] = {}
-        device = next(model.parameters()).device
-        self.kind = torch.zeros(capacity + 1, dtype=torch.long, device=device)
-        self.kinds: tuple[str, ...] = ("identity",)
-        self.index: torch.Tensor | None = None  # per-row slot indices of the current forward step
         self.loads = 0
         self.evictions = 0
+        self.root = Path(adapters_dir).resolve() if adapters_dir else None
+        self.allow_external_paths = allow_external_paths
+        self.max_rank = max_rank
+        self.reserved = set(reserved)
+        self.registry: dict[str, str] = {}  # every adapter a client may name -> its folder
+        self.refused = 0  # loads refused (bad adapters, taken names)
 
-    def check_fits(self, adapter: AdapterWeights) -> None:
+    def check_fits(self, adapter: AdapterCheckpoint) -> None:
         """Raise :class:`AdapterError` (400) unless every layer of ``adapter`` is a base linear layer it fits."""
-        check_fits(adapter, self.linear_shapes)
+        found, wanted = {}, {}
+        for module, (up, down, _) in adapter.modules.items():
+            found[f"{module}.up"], found[f"{module}.down"] = tuple(up.shape), tuple(down.shape)
+            if module in self.linear_shapes:
+                (d, k), r = self.linear_shapes[module], up.shape[0]
+                wanted[f"{module}.up"], wanted[f"{module}.down"] = (r, k), (d, r)
+        try:
+            check_shapes(found, wanted, repr(adapter.name), require_all=False)
+        except CheckpointError as e:
+            raise AdapterError(str(e), param="lora_path") from None
+
+    # -- the registry: names a client may use ----------------------------------------------------------------
+    def read(self, name: str, folder: str | Path | None = None) -> AdapterCheckpoint:
+        """Read and validate adapter ``name`` (from ``folder`` or its registered folder); 400 naming the problem."""
+        folder = Path(folder if folder is not None else self.registry[name])
+        try:
+            return read_checkpoint(
+                folder, name=name, expected=self.linear_shapes, max_rank=self.max_rank, label=repr(name)
+            )
+        except CheckpointError as e:
+            raise AdapterError(self._redact(str(e), folder), param="lora_path") from None
+        except OSError as e:  # unreadable files: say what, not where
+            raise AdapterError(
+                f"Adapter {name!r} could not be read ({type(e).__name__}); check the folder's files and permissions.",
+                param="lora_path",
+            ) from None
+
+    def load_dir(self) -> None:
+        """Register every valid adapter folder under ``adapters_dir`` and fill the free slots; log and skip bad ones."""
+        for name, folder in scan_adapters_dir(self.root).items():
+            if name in self.reserved or not self._allowed(Path(folder).resolve()):
+                log.error("skipping adapter %s: its name is taken or its folder leaves --adapters-dir", name)
+                continue
+            try:
+                adapter = self.read(name, folder)
+            except AdapterError as e:
+                log.error("skipping adapter %s: %s", name, e)
+                continue
+            self.registry[name] = folder
+            if len(self.slots) < self.capacity:
+                self.add(adapter)
+
+    def prepare(self, name: object, path: object) -> tuple[AdapterCheckpoint, str]:
+        """The checks of a load request that need no lock: name (400), free name (409), path (403), adapter (400)."""
+        try:
+            name = check_adapter_name(name, "lora_name")
+            if name in self.reserved:
+                raise AdapterError(f"lora_name {name!r} is the base model's name; choose another.", param="lora_name")
+            self._check_free(name)
+            folder = self.resolve_path(path)
+            return self.read(name, folder), str(folder)
+        except AdapterError:
+            self.refused += 1
+            raise
+
+    def install(self, adapter: AdapterCheckpoint, folder: str) -> None:
+        """Register ``adapter`` (read by :meth:`prepare`) and give it a slot; 409 if the name was taken meanwhile."""
+        self._check_free(adapter.name)
+        self.add(adapter)
+        self.registry[adapter.name] = folder
+
+    def unload(self, name: object) -> None:
+        """Forget adapter ``name`` and free its slot; 404 when it is not registered."""
+        name = check_adapter_name(name, "lora_name")
+        if name not in self.registry:
+            raise AdapterError(
+                f"Adapter {name!r} is not loaded; GET /v1/models lists them.", status=404, param="lora_name"
+            )
+        del self.registry[name]
+        if name in self.slots:
+            self.remove(name)
+
+    def ensure_loaded(self, name: str, pinned: set[str]) -> int:
+        """``name``'s slot, reading it again from its folder if it was evicted."""
+        slot = self.slot_of(name)
+        if slot is None:
+            slot = self.add(self.read(name), pinned)
+        return slot
+
+    def _check_free(self, name: str) -> None:
+        if name in self.registry:
+            raise AdapterError(
+                f"An adapter named {name!r} is already loaded; unload it first (POST /v1/unload_lora_adapter) or "
+                "choose another name.",
+                status=409,
+                param="lora_name",
+            )
+
+    def resolve_path(self, path: object) -> Path:
+        """``path`` as a folder the server may read: relative to ``adapters_dir``, inside it unless allowed (403)."""
+        if not isinstance(path, str) or not path or "\x00" in path or not path.isprintable():
+            raise AdapterError(
+                "lora_path must be a non-empty folder path without NUL or control characters.", param="lora_path"
+            )
+        p = Path(path)
+        if not p.is_absolute():
+            if self.root is None:
+                raise AdapterError(
+                    "lora_path is relative but the server has no --adapters-dir; pass an absolute path.",
+                    param="lora_path",
+                )
+            p = self.root / p
+        try:
+            p = p.resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long
+            raise AdapterError("lora_path cannot be resolved to a folder.", param="lora_path") from None
+        if not self._allowed(p):
+            raise AdapterError(
+                "lora_path is outside --adapters-dir; put the adapter there, or start the server with "
+                "--allow-external-paths.",
+                status=403,
+                param="lora_path",
+            )
+        return p
+
+    def _allowed(self, folder: Path) -> bool:
+        return self.allow_external_paths or (self.root is not None and folder.is_relative_to(self.root))
+
+    def _redact(self, message: str, folder: Path) -> str:
+        """No server paths in a client's message: the folder and the adapters root become names."""
+        for path, shown in (
+            (folder.resolve(), "<adapter folder>"),
+            (folder, "<adapter folder>"),
+            (self.root, "<adapters-dir>"),
+        ):
+            if path is not None:
+                message = message.replace(str(path), shown)
+        return message
 
     def slot_of(self, name: str) -> int | None:
         """``name``'s slot (marking it most recently used), or ``None`` when it is not in memory."""
@@ -71,16 +231,10 @@ class AdapterPool:
             slot = self.slots[adapter.name]
         else:
             slot = self._free_slot(pinned)
-        if adapter.max_rank > self.r_max:
-            self.r_max = adapter.max_rank
-            for layer in self.layers.values():
-                layer.grow_rank(self.r_max)
         for module in adapter.modules:
             if module not in self.layers:
                 self._wrap(module)
-        if adapter.activation not in self.kinds:
-            self.kinds = (*self.kinds, adapter.activation)
-        self.kind[slot] = self.kinds.index(adapter.activation)
+        self.stacks.assign(slot, adapter.max_rank, adapter.activation)
         for module, layer in self.layers.items():
             up, down, scaling = adapter.modules.get(module, (None, None, 0.0))
             layer.set_slot(slot, up, down, scaling)
@@ -107,16 +261,34 @@ class AdapterPool:
         """Free ``name``'s slot; returns the slot."""
         slot = self.slots.pop(name)
         self.adapters.pop(name, None)
-        for layer in self.layers.values():
-            layer.set_slot(slot, None, None, 0.0)
+        self.stacks.release(slot)
         return slot
 
     def _wrap(self, module: str) -> None:
         parent_name, _, child = module.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        layer = self.layer_factory(getattr(parent, child), self)
+        layer = self.stacks.wrap(getattr(parent, child))
         for name, slot in self.slots.items():  # adapters loaded earlier that target this module
             up, down, scaling = self.adapters[name].modules.get(module, (None, None, 0.0))
             layer.set_slot(slot, up, down, scaling)
         setattr(parent, child, layer)
         self.layers[module] = layer
+
+
+def scan_adapters_dir(folder: str | Path | None) -> dict[str, str]:
+    """``{name: path}`` for each sub-folder of ``folder`` holding an ``adapter_config.json`` (also ``*/adapter``)."""
+    found: dict[str, str] = {}
+    if folder is None:
+        return found
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--adapters-dir {root} is not a directory; create it or point at the right one.")
+    for sub in sorted(root.iterdir()):
+        for candidate in (sub, sub / "adapter"):  # a `nora train` run dir keeps its adapter in RUN_DIR/adapter
+            if (candidate / "adapter_config.json").is_file():
+                if NAME_RE.fullmatch(sub.name) and ".." not in sub.name:
+                    found[sub.name] = str(candidate)
+                else:
+                    log.error("skipping adapter folder %r: its name is not an adapter name", sub.name)
+                break
+    return found

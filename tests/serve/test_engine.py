@@ -22,27 +22,28 @@ def _request(engine, adapter, done: list, finished: threading.Event, n_expected:
 
 
 def test_full_queue_is_503_and_stale_requests_time_out(serve_env):
-    engine = make_engine(serve_env, max_queue=1, max_batch_size=1, request_timeout_s=0.2, batch_wait_ms=0.0)
+    engine = make_engine(serve_env, max_queue=2, max_batch_size=1, request_timeout_s=0.2, batch_wait_ms=0.0)
     done, finished = [], threading.Event()
-    with engine.lock:  # the batching loop blocks on the lock: requests pile up in the 1-slot queue
-        engine.submit(_request(engine, "lora-r4", done, finished, n_expected=99))
-        for _ in range(500):  # bounded wait until the loop has taken it (and is now blocked on the lock)
-            if engine.queue.qsize() == 0:
-                break
-            time.sleep(0.01)
-        engine.submit(_request(engine, "lora-r4", done, finished, n_expected=99))  # waits in the queue
-        with pytest.raises(AdapterError) as err:
-            engine.submit(_request(engine, "lora-r4", done, finished, n_expected=99))
-        assert err.value.status == 503 and "queue full" in str(err.value)
-        time.sleep(0.3)  # the queued request is now older than request_timeout_s
-    accepted = 2
-    deadline = time.monotonic() + 30
-    while len(done) < accepted and time.monotonic() < deadline:
-        time.sleep(0.02)
-    engine.stop()
-    assert [k for k, _ in done] == ["done", "error"]  # every accepted request got an answer
-    status, message = done[1][1]
-    assert status == 503 and "waited" in message
+    try:
+        with engine.lock:  # the scheduler blocks on the lock: requests pile up in the 2-place queue
+            for _ in range(2):
+                engine.submit(_request(engine, "lora-r4", done, finished, n_expected=99))
+            with pytest.raises(AdapterError) as err:
+                engine.submit(_request(engine, "lora-r4", done, finished, n_expected=99))
+            assert err.value.status == 503 and "queue full" in str(err.value)
+            assert engine.snapshot_metrics()["queue_depth"] == 2
+            time.sleep(0.3)  # the queued requests are now older than request_timeout_s
+        deadline = time.monotonic() + 30
+        while len(done) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [k for k, _ in done] == ["error", "error"]  # every accepted request got an answer
+        status, message = done[0][1]
+        assert status == 503 and "waited" in message
+        got = engine.generate(PROMPTS[0], "lora-r4", max_tokens=MAX_TOKENS, temperature=0.0)  # fresh ones still run
+        assert got["finish_reason"] in ("stop", "length")
+        assert engine.snapshot_metrics()["rejections"] == {"queue_full": 1, "timeout": 2}
+    finally:
+        engine.stop()
 
 
 def test_single_request_path_and_lru(serve_env):
