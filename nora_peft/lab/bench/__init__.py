@@ -73,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default per section)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random-init benchmark Llama")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (a smoke run, not numbers)")
+    parser.add_argument(
+        "--model", default=None, help="latency/real: a named base (smollm2-135m) or HF folder (default: random Llama)"
+    )
+    parser.add_argument("--rank", type=int, default=None, help="latency/real: adapter rank (default per section)")
+    parser.add_argument(
+        "--targets", default=None, help="latency/real: comma list of module names to adapt (default per section)"
+    )
     for name in names:
         module = section_module(name)
         if hasattr(module, "add_arguments"):

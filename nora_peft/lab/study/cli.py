@@ -1,4 +1,9 @@
-"""``nora study SPEC``: run a study spec (YAML file or preset name) and write its report."""
+"""``nora study SPEC``: run a study spec (YAML file or preset name), then its latency step and its report.
+
+The steps: cells (``.runner.run_study``, any number of shards) -> once every cell has a row, the latency step
+(``.latency.latency_step``: the claim-5 benchmark, stored as ``latency.json``) -> the report (``.report``, which only
+reads). :func:`finish_study` is the last two.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .spec import PRESETS, expand_cells, load_spec, parse_shard, shard_cells
+from .results import read_results
+from .spec import PRESETS, StudySpec, expand_cells, load_spec, parse_shard, shard_cells
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +76,32 @@ def _run_jobs(args: argparse.Namespace, out: Path, jobs: int) -> int:
     return 0
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def finish_study(
+    spec: StudySpec, out_dir: str | Path, log: Callable[[str], None] = _stderr, *, partial: bool = False
+) -> Path | None:
+    """When every cell has a row (or ``partial``): the latency step (kept if stored), then ``report.md``; returns its
+    path. While cells of other shards are unfinished (and not ``partial``), says so and returns ``None``."""
+    from .latency import latency_step
+    from .report import write_report
+
+    done = {r["cell_id"] for r in read_results(out_dir)}
+    missing = [c.cell_id for c in expand_cells(spec) if c.cell_id not in done]
+    if missing and not partial:
+        log(
+            f"{len(missing)} cells of other shards are not finished yet (e.g. {missing[0]}); the report is written "
+            f"when they are: run `nora study SPEC --out {out_dir} --report-only` after the other shards finish."
+        )
+        return None
+    latency_step(spec, out_dir, log)
+    path = write_report(spec, out_dir, log=log)
+    log(f"report: {path}")
+    return path
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -81,12 +114,11 @@ def main(args: argparse.Namespace) -> int:
         for c in shard_cells(expand_cells(spec), shard):
             print(c.cell_id)
         return 0
-    from .report import write_report
     from .runner import run_study
 
     start = time.perf_counter()
     if args.report_only:
-        print(write_report(spec, out))
+        print(finish_study(spec, out, partial=True))
         return 0
     jobs = args.jobs if args.jobs is not None else (1 if args.shard else default_jobs())
     if jobs > 1:
@@ -95,8 +127,10 @@ def main(args: argparse.Namespace) -> int:
         rc = _run_jobs(args, out, jobs)
         if rc:
             return rc
-        run_study(spec, out, report=not args.no_report)
+        run_study(spec, out)
     else:
-        run_study(spec, out, shard=shard, report=not args.no_report)
+        run_study(spec, out, shard=shard)
+    if not args.no_report:  # --jobs shards run with --no-report: the parent writes the report when all are done
+        finish_study(spec, out)
     print(f"nora study {spec.name}: {time.perf_counter() - start:.0f}s wall; output in {out}", file=sys.stderr)
     return 0

@@ -3,10 +3,11 @@
 Resumption: a cell whose id already has a row in ``results.jsonl`` is skipped; a cell whose run dir is finished
 (``train_summary.json`` + ``eval_test.json`` [+ ``analysis.json``]) is not retrained, its row is rebuilt from the
 files; an unfinished run continues from its last checkpoint (``TrainConfig.resume``). Rows are appended atomically
-(``nora_peft.lab.io.append_jsonl``) and deduplicated by cell id on read, so a killed study loses or repeats nothing.
+and deduplicated by cell id on read (``.results``), so a killed study loses or repeats nothing.
 
 Sharding: ``shard=(i, n)`` runs every n-th cell starting at i; any number of processes or machines can share one
-output dir. The process that finds every cell done writes the report.
+output dir. The runner only runs cells: the study CLI (``.cli.finish_study``) measures latency and writes the report
+once every cell has a row.
 """
 
 from __future__ import annotations
@@ -17,31 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io import append_jsonl, read_json, read_jsonl, write_json_atomic
+from ..io import read_json, write_json_atomic
+from .results import append_result, end_torn_line, read_results
 from .spec import Cell, StudySpec, expand_cells, shard_cells
-
-RESULTS = "results.jsonl"
-
-
-def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``results.jsonl``, one per cell id (the last row of an id wins)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for row in read_jsonl(Path(out_dir) / RESULTS):
-        if isinstance(row, dict) and "cell_id" in row:
-            rows[row["cell_id"]] = row
-    return list(rows.values())
-
-
-def _end_torn_line(path: Path) -> None:
-    """If a crash left a partial last line (no newline), end it so the next append starts a fresh line; the torn
-    line itself is skipped by ``read_jsonl``."""
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, 2)
-            last = f.read(1)
-        if last != b"\n":
-            with open(path, "ab") as f:
-                f.write(b"\n")
 
 
 def train_config(spec: StudySpec, cell: Cell, run_dir: Path):
@@ -173,11 +152,10 @@ def run_study(
     out_dir: str | Path,
     *,
     shard: tuple[int, int] = (0, 1),
-    report: bool = True,
     on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Run this shard's unfinished cells one after another, then (if every cell has a row) write the report.
+    """Run this shard's unfinished cells one after another (the report is the CLI's ``finish_study``).
 
     ``on_cell_done(cell, row)`` is called after each row is appended (tests use it to interrupt a study).
     Returns the output dir.
@@ -186,7 +164,7 @@ def run_study(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_out_dir(spec, out_dir)
-    _end_torn_line(out_dir / RESULTS)
+    end_torn_line(out_dir)
     cells = expand_cells(spec)
     mine = shard_cells(cells, shard)
     done_ids = {r["cell_id"] for r in read_results(out_dir)}
@@ -205,7 +183,7 @@ def run_study(
         t0 = time.perf_counter()
         log(f"[{k + 1}/{len(todo)}] {cell.cell_id} ...")
         row = run_cell(spec, cell, out_dir)
-        append_jsonl(out_dir / RESULTS, row)
+        append_result(out_dir, row)
         times.append(time.perf_counter() - t0)
         left = len(todo) - k - 1
         eta = sum(times) / len(times) * left
@@ -218,18 +196,4 @@ def run_study(
             on_cell_done(cell, row)
     if todo:
         log(f"shard {shard[0]}/{shard[1]} finished {len(todo)} cells in {_fmt_time(time.perf_counter() - study_start)}")
-    done_ids = {r["cell_id"] for r in read_results(out_dir)}
-    missing = [c.cell_id for c in cells if c.cell_id not in done_ids]
-    if missing:
-        if report:  # --jobs shards run with report=False: the parent writes the report when all are done
-            log(
-                f"{len(missing)} cells of other shards are not finished yet (e.g. {missing[0]}); the report is written "
-                f"when they are: run `nora study SPEC --out {out_dir} --report-only` after the other shards finish."
-            )
-        return out_dir
-    if report:
-        from .report import write_report
-
-        path = write_report(spec, out_dir, log=log)
-        log(f"report: {path}")
     return out_dir

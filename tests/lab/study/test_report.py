@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nora_peft.lab.io import append_jsonl, read_json
 from nora_peft.lab.study.report import write_report
-from nora_peft.lab.study.runner import read_results
+from nora_peft.lab.study.results import read_results
 
 from .synthetic import small_spec, synthetic_rows
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from nora_peft.lab.io import read_jsonl
+from nora_peft.lab.study.cli import finish_study
 from nora_peft.lab.study.runner import read_results, run_study
 from nora_peft.lab.study.spec import expand_cells, parse_spec
 
@@ -59,6 +60,9 @@ def test_tiny_study_interrupt_resume_report(tiny_spec, tmp_path, default_base_pa
     # a third run does nothing
     run_study(tiny_spec, tmp_path, on_cell_done=lambda c, r: seen.append("again"), log=lambda m: None)
     assert "again" not in seen and len(read_jsonl(tmp_path / "results.jsonl")) == 4
+    # the runner only runs cells; the CLI's finish step measures latency and writes the report
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "latency.json").exists()
+    finish_study(tiny_spec, tmp_path, log=lambda m: None)
 
     rows = read_results(tmp_path)
     text = (tmp_path / "report.md").read_text()

@@ -6,17 +6,8 @@ import math
 
 import pytest
 
-from nora_peft.lab.study.report import (
-    FAILS,
-    HOLDS,
-    INCONCLUSIVE,
-    all_verdicts,
-    compare,
-    mean_ci,
-    select_groups,
-    t975,
-    verdict_latency,
-)
+from nora_peft.lab.study.stats import compare, mean_ci, t975
+from nora_peft.lab.study.verdicts import FAILS, HOLDS, INCONCLUSIVE, all_verdicts, select_groups, verdict_latency
 
 from .synthetic import small_spec, synthetic_rows
 
