@@ -84,7 +84,8 @@ class TrainConfig:
     eval_steps: int | None = None  # validation loss every N steps (None: no evaluation during training)
     resume: bool = False
     overwrite: bool = False
-    precision: str = "auto"  # auto = bf16 where the hardware supports it, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 where the hardware supports it (GPU, or a CPU with bf16 units), else fp32
+    group_by_length: bool = False  # batches of similar length (less padding); the padding fraction is reported
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -266,6 +267,25 @@ def tokenize_split(records: list[dict[str, Any]], tokenizer, cfg: TrainConfig):
     return dataset.remove_columns(["id"]), stats
 
 
+class PaddingCounter:
+    """A collator that right-pads (``collate``) and counts real and padded token slots, for the padding fraction."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.real = 0
+        self.slots = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(features, self.pad_token_id)
+        self.real += int(batch["attention_mask"].sum())
+        self.slots += batch["attention_mask"].numel()
+        return batch
+
+    @property
+    def padding_fraction(self) -> float | None:
+        return round(1 - self.real / self.slots, 4) if self.slots else None
+
+
 def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Right-pad a batch: ``input_ids`` with the pad token, ``attention_mask`` with 0, ``labels`` with -100."""
     import torch
@@ -283,20 +303,45 @@ def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------------------------
 # Precision
 # ---------------------------------------------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast is faster than fp32;
+    elsewhere torch emulates bf16 and it is slower."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` on a GPU that supports it, else ``fp32``; explicit choices are checked."""
+    """``auto`` -> ``bf16`` on a GPU or CPU that supports it natively, else ``fp32``; explicit choices are checked."""
     import torch
 
     if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_bf16() else "fp32"
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("precision='fp16' needs a CUDA GPU (loss scaling); use 'fp32' or 'bf16' on CPU.")
     return precision
 
 
-def _dtype(precision: str):
+def base_dtype(precision: str):
+    """The dtype the frozen base is loaded in. On a GPU, the precision's own dtype; on a CPU the base stays fp32 and
+    bf16 runs as autocast (measured faster on CPUs with bf16 units, and the weights keep full precision)."""
     import torch
 
+    if not torch.cuda.is_available():
+        return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -409,8 +454,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, precision: str):
         lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        gradient_checkpointing=cfg.gradient_checkpointing,  # transformers < 5.23 (pinned: peft 0.21 agrees with it)
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         seed=cfg.seed,
         data_seed=cfg.data_seed,
         save_strategy="steps",
@@ -421,7 +466,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, precision: str):
         logging_nan_inf_filter=False,  # our guard raises instead of hiding NaN losses
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
-        bf16=precision == "bf16",
+        bf16=precision == "bf16",  # on CPU: autocast over the fp32 base
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         fp16=precision == "fp16",
         use_cpu=not _cuda(),
         report_to="none",
@@ -471,7 +517,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     # --- everything that can fail on bad input, before any training work -----------------------------------------
     set_seed(cfg.seed)
     splits = load_splits(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=_dtype(precision))
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=base_dtype(precision))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_ds, train_stats = tokenize_split(splits["train"], tokenizer, cfg)
@@ -507,12 +553,13 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     state.wait_for_everyone()
 
     NoraTrainer, MetricsFile, Progress = _trainer_classes()
+    padding = PaddingCounter(tokenizer.pad_token_id)
     trainer = NoraTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=lambda features: collate(features, tokenizer.pad_token_id),
+        data_collator=padding,
         processing_class=tokenizer,
         callbacks=[MetricsFile(run_dir / "metrics.jsonl"), *(callbacks or [])],
     )
@@ -556,6 +603,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
             "trainable_params": params["trainable"],
             "total_params": params["total"],
             "precision": precision,
+            "padding_fraction": padding.padding_fraction,  # of this session's training batches
             "world_size": state.num_processes,
             "parallel": parallel,
             "resumed_from": resume_from.name if resume_from else None,
@@ -609,7 +657,7 @@ def _targets(text: str) -> list[str] | str:
 
 #: CLI flag -> (TrainConfig field, argparse kwargs); adapter fields are ``adapter.<name>``
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--model": ("model", dict(help="base model: a local dir or hub id (default: the embedded base)")),
+    "--model": ("model", dict(help="base model: smollm2-135m, a local dir or hub id (default: the embedded base)")),
     "--data": (
         "data",
         dict(
@@ -650,7 +698,14 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--eval-steps": ("eval_steps", dict(type=_optional_int, help="validation loss every N steps (default: none)")),
     "--resume": ("resume", dict(action=argparse.BooleanOptionalAction, help="continue from the last checkpoint")),
     "--overwrite": ("overwrite", dict(action=argparse.BooleanOptionalAction, help="delete a previous run here")),
-    "--precision": ("precision", dict(choices=PRECISIONS, help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")),
+    "--precision": (
+        "precision",
+        dict(choices=PRECISIONS, help="auto (bf16 on a GPU or a CPU with bf16 units, else fp32), fp32, bf16, fp16"),
+    ),
+    "--group-by-length": (
+        "group_by_length",
+        dict(action=argparse.BooleanOptionalAction, help="batches of similar length: less padding (default off)"),
+    ),
     "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bar (default on)")),
 }
 
