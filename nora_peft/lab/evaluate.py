@@ -296,7 +296,7 @@ def load_run(run_dir: str | Path):
     """``(peft_model, tokenizer, TrainConfig, splits)`` of a finished run; ``splits`` are the records per split,
     rebuilt from ``config.json`` and checked against the ids in ``splits.json``."""
     from .base import load_model_and_tokenizer
-    from .train import TrainConfig, load_splits, resolve_precision
+    from .train import TrainConfig, base_dtype, load_splits, resolve_precision
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
@@ -306,7 +306,7 @@ def load_run(run_dir: str | Path):
     cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
     splits = load_splits(cfg)
     _check_split_ids(run_dir, splits)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(cfg.precision)]
+    dtype = base_dtype(resolve_precision(cfg.precision))
     base, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

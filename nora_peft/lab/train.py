@@ -309,7 +309,8 @@ def cpu_has_bf16() -> bool:
     import torch
 
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+        native = _cpu_flags() & {"avx512_bf16", "amx_bf16"}
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool(native)
     except (AttributeError, RuntimeError):
         return False
 

