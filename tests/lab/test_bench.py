@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from nora_peft.cli import main as cli_main
@@ -38,3 +39,58 @@ def test_saved_activation_bytes_counts_unique_storages():
     # tanh saves its output (4*8 floats); x is a leaf the matmul saves too -> 2 unique storages of 128 bytes
     got = saved_activation_bytes(lin, lambda: torch.tanh(lin(x)).sum())
     assert got == 2 * 4 * 8 * 4
+
+
+def test_sections_registry_dispatches_and_names_the_choices(tmp_path):
+    from nora_peft.lab import bench
+
+    assert {"train", "infer", "mixed", "latency", "real"} <= set(bench.available_sections())
+    for name in bench.available_sections():
+        module = bench.section_module(name)
+        assert callable(module.run) and callable(module.print_tables), name
+    with pytest.raises(SystemExit, match=r"unknown section\(s\) \['nope'\]; choose from train, infer"):
+        cli_main(["bench", "--what", "nope", "--quick"])
+
+
+def test_latency_section_measures_prefill_and_decode_alternately(tmp_path):
+    out = tmp_path / "lat.json"
+    assert (
+        cli_main(["bench", "--what", "latency", "--quick", "--threads", "1", "--device", "cpu", "--json", str(out)])
+        == 0
+    )
+    lat = json.loads(out.read_text())["latency"]
+    assert len(lat["rounds"]) == len(lat["decode_rounds"]) == 2
+    for rnd in lat["rounds"] + lat["decode_rounds"]:
+        assert sorted(r["role"] for r in rnd) == ["base", "lora_merged", "lora_unmerged", "nora_unmerged"]
+        assert all(r["ms"] > 0 for r in rnd)
+    assert "decode" in lat["decode_setting"] and "threads" in lat["setting"]
+
+
+def test_real_section_rows_on_a_random_llama(tmp_path):
+    out = tmp_path / "real.json"
+    argv = ["bench", "--what", "real", "--quick", "--threads", "1", "--device", "cpu", "--json", str(out)]
+    assert cli_main(argv + ["--precision", "fp32,bf16"]) == 0
+    real = json.loads(out.read_text())["real"]
+    assert [r["precision"] for r in real["train"]] == ["fp32", "bf16"]
+    assert all(r["time_ratio_nora_over_lora"] > 0 and r["mem_ratio_nora_over_lora"] > 0 for r in real["train"])
+    assert {"base", "nora-r4", "lora-r4-merged"} <= {r["label"] for r in real["decode"]["b1"]}
+
+
+def test_stacked_mixed_variant_computes_what_peft_adapter_names_computes():
+    """The mixed section's core-only stacked path is a fair variant: the same logits as NoRA's ``adapter_names=``."""
+    from nora_peft.lab.bench.mixed import StackedModel, multi_adapter_model
+
+    base = small_llama(hidden=32, layers=1, vocab=64)
+    spec = AdapterSpec(method="nora", r=4, target_modules=["q_proj", "v_proj"], extra={"init_weights": False})
+    nora, names = multi_adapter_model(base, spec, 3)
+    ids = torch.randint(3, 64, (4, 5))
+    rows = [names[i % 3] for i in range(4)]
+    with torch.inference_mode():
+        want = nora(input_ids=ids, adapter_names=rows).logits
+    stacked = StackedModel(base, nora, names)
+    seen = []
+    stacked.model.register_forward_hook(lambda m, i, o: seen.append(o.logits))
+    stacked(ids, torch.tensor([i % 3 for i in range(4)]))
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        assert not torch.allclose(base(input_ids=ids).logits, want, atol=1e-3)  # the adapters do change the output

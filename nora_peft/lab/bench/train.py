@@ -143,15 +143,22 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {"train": rows}
 
 
-def print_tables(results: dict[str, Any]) -> None:
-    """The table of ``results["train"]``."""
-    print("\ntraining step (fwd+bwd+AdamW), NoRA vs LoRA, medians")
+def print_step_table(title: str, rows: list[dict[str, Any]], lead: str = "r") -> None:
+    """The NoRA-vs-LoRA step table (ms, ratios, MiB) of rows from :func:`bench_train` or the ``real`` section."""
+    print(f"\n{title}")
+    cols = ("lora ms", "nora ms", "time x", "lora MiB", "nora MiB", "mem x")
+    w = max(5, len(lead))
     print(
-        f"{'r':>4} {'drop':>5} {'lora ms':>9} {'nora ms':>9} {'time x':>7} {'lora MiB':>9} {'nora MiB':>9} {'mem x':>6}"
+        f"{lead:>{w}} {'drop':>5} " + " ".join(f"{c:>{6 if c == 'mem x' else 9 if 'x' not in c else 7}}" for c in cols)
     )
-    for row in results["train"]:
+    for row in rows:
         print(
-            f"{row['r']:>4} {row['dropout']:>5} {row['lora_ms']:>9.1f} {row['nora_ms']:>9.1f} "
+            f"{row[lead]:>{w}} {row['dropout']:>5} {row['lora_ms']:>9.1f} {row['nora_ms']:>9.1f} "
             f"{row['time_ratio_nora_over_lora']:>7.3f} {row['lora_mem_bytes'] / 2**20:>9.1f} "
             f"{row['nora_mem_bytes'] / 2**20:>9.1f} {row['mem_ratio_nora_over_lora']:>6.3f}"
         )
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    """The table of ``results["train"]``."""
+    print_step_table("training step (fwd+bwd+AdamW), NoRA vs LoRA, medians", results["train"])

@@ -46,3 +46,55 @@ def test_report_says_when_the_demo_cannot_test_a_ceiling(tmp_path):
     spec = small_spec(seeds=[0, 1])
     path = _write(tmp_path, spec, lambda c: (9.0 + 0.3 * c.seed * (-1) ** c.r, 9.0 + 0.3 * c.seed * (-1) ** (c.r // 2)))
     assert "this demo cannot test a linear ceiling" in path.read_text()
+
+
+def test_report_only_reads_it_never_measures_latency(tmp_path, monkeypatch):
+    """Without a stored latency.json the report says claim (5) is not tested; it loads no model and measures nothing."""
+    import nora_peft.lab.base as base
+
+    def no_model(*a, **k):
+        raise AssertionError("the report must not load a model")
+
+    monkeypatch.setattr(base, "load_model_and_tokenizer", no_model)
+    spec = small_spec(latency={"rank": 8, "repeats": 2, "rounds": 2})
+    path = _write(tmp_path, spec, lambda c: (9.0, 9.0))
+    assert not (tmp_path / "latency.json").exists()
+    claim5 = next(v for v in read_json(tmp_path / "verdicts.json") if v["claim"].startswith("(5)"))
+    assert claim5["verdict"] == "not tested" and "Table 3" not in path.read_text()
+
+
+def _latency_rounds(nora_ms: list[float], rate: str) -> list[list[dict]]:
+    return [
+        [
+            {"label": "base", "ms": 10.0, "rel_latency": 1.0, rate: 100.0, "method": "base", "r": 0, "merged": False},
+            {"label": "lora-r8", "ms": 12.0, "rel_latency": 1.2, rate: 80.0, "method": "lora", "r": 8, "merged": False},
+            {"label": "lora-r8-merged", "ms": 10.0, "rel_latency": 1.0, rate: 100.0, "method": "lora", "r": 8}
+            | {"merged": True},
+            {"label": "nora-r8", "ms": ms, "rel_latency": ms / 10, rate: 1000 / ms, "method": "nora", "r": 8}
+            | {"merged": False},
+        ]
+        for ms in nora_ms
+    ]
+
+
+def test_report_shows_stored_prefill_and_decode_latency(tmp_path):
+    from nora_peft.lab.study.results import write_latency
+
+    spec = small_spec(latency={"rank": 8})
+    write_latency(
+        tmp_path,
+        {
+            "rank": 8,
+            "model": "smollm2-135m",
+            "rounds": _latency_rounds([10.5, 10.6, 10.4], "tokens_per_s"),
+            "decode_rounds": _latency_rounds([11.0, 11.0, 11.0], "decode_tokens_per_s"),
+            "setting": "prefill setting",
+            "decode_setting": "decode setting",
+        },
+    )
+    text = _write(tmp_path, spec, lambda c: (9.0, 9.0)).read_text()
+    assert "## Efficiency (Table 3)" in text and "`smollm2-135m`" in text and "decode setting" in text
+    assert "generated tokens/s" in text  # the decode table
+    assert "vs merged LoRA: 0.050 ± " in text and "vs merged LoRA: 0.100" in text  # prefill, then decode overhead
+    claim5 = next(v for v in read_json(tmp_path / "verdicts.json") if v["claim"].startswith("(5)"))
+    assert claim5["verdict"] == "holds" and "Decode: NoRA (unmerged) vs merged LoRA: +10.0%" in claim5["evidence"]
