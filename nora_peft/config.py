@@ -6,14 +6,35 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from peft.config import PeftConfig
 
 from .ops import ACTIVATIONS
 
-#: peft type string under which NoRA is registered and saved (``"peft_type": "NORA"`` in adapter_config.json).
-NORA_PEFT_TYPE = "NORA"
-GRANULARITIES = ("weight", "module")
+
+class NoraPeftType(str):
+    """The string peft type ``"NORA"``, with the ``.value`` that code written for peft's ``PeftType`` enum reads.
+
+    peft's ``PeftType`` is a closed ``str`` enum, so NoRA registers under a string (see ``registry``). Code such as
+    transformers' ``integrations/peft.py`` (``load_adapter``, ``from_pretrained`` of an adapter folder, ``pipeline``)
+    and peft's ``PeftMixedModel`` read ``peft_config.peft_type.value`` as they would on an enum member. This subclass
+    equals and hashes like the plain ``"NORA"`` (peft's tables find it), and json writes it as ``"NORA"``.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        """The plain string, as ``PeftType.LORA.value`` is ``"LORA"``."""
+        return str.__str__(self)
+
+
+#: peft type under which NoRA is registered and saved (``"peft_type": "NORA"`` in adapter_config.json).
+NORA_PEFT_TYPE = NoraPeftType("NORA")
+Activation = Literal["silu", "identity", "relu", "gelu", "tanh"]
+Granularity = Literal["weight", "module"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 SCALINGS = ("alpha/r", "rslora")
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -38,16 +59,17 @@ class NoraConfig(PeftConfig):
         scaling (`str` or `float`): How ``s`` is computed: ``"alpha/r"`` (default, LoRA's rule), ``"rslora"``
             (``alpha/sqrt(r)``) or a fixed float used as ``s`` directly.
         dropout (`float`): Dropout probability on the r-dim latent after the activation, training only; in [0, 1).
-        activation (`str`): The non-linearity between the projections: ``"silu"`` (default), ``"identity"`` (a
-            LoRA-shaped adapter with latent dropout; the only mergeable choice), ``"relu"``, ``"gelu"`` (exact erf
-            form) or ``"tanh"``.
-        granularity (`str`): ``"weight"`` (default): one adapter per targeted linear layer (``nn.Linear``,
-            transformers ``Conv1D``, fused projections such as Phi-3's ``qkv_proj``). ``"module"``: the paper's
-            ablation (a), one parallel adapter around a whole block (an attention or MLP module), reading the block's
-            input and adding to its output.
+        activation (`Literal["silu", "identity", "relu", "gelu", "tanh"]`):
+            The non-linearity between the projections: ``"silu"`` (default), ``"identity"`` (a LoRA-shaped adapter
+            with latent dropout; the only mergeable choice), ``"relu"``, ``"gelu"`` (exact erf form) or ``"tanh"``.
+        granularity (`Literal["weight", "module"]`):
+            ``"weight"`` (default): one adapter per targeted linear layer (``nn.Linear``, transformers ``Conv1D``,
+            fused projections such as Phi-3's ``qkv_proj``). ``"module"``: the paper's ablation (a), one parallel
+            adapter around a whole block (an attention or MLP module), reading the block's input and adding to its
+            output.
         target_modules (`list[str]` or `str`): Names (suffix match) or a regex of the modules to adapt, or
-            ``"all-linear"``. Default: per architecture, like peft's LoRA mapping (q/v projections; for
-            ``granularity="module"`` the attention and MLP blocks).
+            ``"all-linear"``. Default: per architecture, peft's LoRA default read from peft at run time (q/v
+            projections; a regex where peft has one); for ``granularity="module"`` the attention and MLP blocks.
         exclude_modules (`list[str]` or `str`): Names or a regex of modules never to adapt.
         layers_to_transform (`list[int]` or `int`): Only adapt these layer indices.
         layers_pattern (`list[str]` or `str`): Name of the ``nn.ModuleList`` holding the layers (e.g. ``"layers"``).
@@ -64,8 +86,10 @@ class NoraConfig(PeftConfig):
         default="alpha/r", metadata={"help": "'alpha/r' (default), 'rslora' (alpha/sqrt(r)) or a fixed float."}
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the r-dim latent (training only)."})
-    activation: str = field(default="silu", metadata={"help": f"One of {ACTIVATIONS}."})
-    granularity: str = field(default="weight", metadata={"help": "'weight' (per linear layer) or 'module' (block)."})
+    activation: Activation = field(default="silu", metadata={"help": f"One of {ACTIVATIONS}."})
+    granularity: Granularity = field(
+        default="weight", metadata={"help": "'weight' (per linear layer) or 'module' (block)."}
+    )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex to adapt; default per architecture."}
     )

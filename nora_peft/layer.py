@@ -191,8 +191,10 @@ class Linear(nn.Module, NoraLayer):
                 self.unmerge()
             return self.base_layer(*args, **kwargs)
         if adapter_names is not None:
-            if self.merged:
-                raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter().")
+            if self.merged:  # peft's sentence (its tests match on it)
+                raise ValueError(
+                    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+                )
             return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(*args, **kwargs)
         if self.merged:
@@ -214,8 +216,12 @@ class Linear(nn.Module, NoraLayer):
 
         result = self.base_layer(*args, **kwargs)
         x = self._adapter_input(args, kwargs)
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
+        if len(adapter_names) != x.shape[0]:  # peft's sentence first, then which layer
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively (NoRA layer around "
+                f"{type(self.base_layer).__name__}: one adapter name per batch row, '__base__' for none)."
+            )
         up_modules, down_modules = self.nora_up._modules, self.nora_down._modules
         merged = self.merged_adapters
         names = tuple(n for n in up_modules if n not in merged) if merged else tuple(up_modules)

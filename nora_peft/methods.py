@@ -7,13 +7,13 @@ every method sees the same ranks, alphas, dropout and target modules.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
-from .config import NoraConfig
+from .config import Activation, Granularity, NoraConfig
 
 METHODS = ("nora", "lora", "rslora", "dora")
 
@@ -30,8 +30,8 @@ class AdapterSpec:
     r: int = 8
     alpha: float | None = None
     dropout: float = 0.05
-    activation: str = "silu"
-    granularity: str = "weight"
+    activation: Activation = "silu"
+    granularity: Granularity = "weight"
     scaling: str | float = "alpha/r"
     target_modules: list[str] | str | None = None
     extra: dict = field(default_factory=dict)
@@ -84,9 +84,6 @@ class AdapterSpec:
             use_dora=self.method == "dora",
             **common,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_peft_model(model: nn.Module, spec: AdapterSpec, adapter_name: str = "default") -> PeftModel:

@@ -7,27 +7,36 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import get_pattern_key
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftModuleError
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 from .config import NoraConfig
 from .layer import Linear, NoraLayer, ParallelBlock
 
-try:  # peft >= 0.18 names the "nothing matched" error; older versions raise a plain ValueError
-    from peft.tuners.tuners_utils import NoMatchingPeftModuleError
-except ImportError:  # pragma: no cover
-    NoMatchingPeftModuleError = ValueError  # type: ignore[misc,assignment]
-
-#: Default target modules for ``granularity="weight"``: peft's LoRA mapping (q/v projections), plus fused Phi-3.
-NORA_TARGET_MODULES = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "phi3": ["qkv_proj"]}
+#: Defaults NoRA adds for ``granularity="weight"`` where peft's LoRA map has no entry (peft's entry wins once it has
+#: one): Phi-3 fuses q/k/v into one projection.
+NORA_EXTRA_TARGETS: dict[str, list[str]] = {"phi3": ["qkv_proj"]}
 
 #: Default blocks for ``granularity="module"``: each decoder layer's attention and MLP.
 NORA_MODULE_TARGETS = {
     **{t: ["self_attn", "mlp"] for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "phi")},
     "gpt2": ["attn", "mlp"],
 }
+
+
+def default_target_modules(model_type: str | None, granularity: str = "weight") -> list[str] | str | None:
+    """What NoRA adapts when ``target_modules`` is unset: for ``"weight"``, what peft's LoRA adapts.
+
+    peft's map is read from ``LoraModel`` on every call, not copied, so architectures peft learns later (and tests
+    that patch its map) reach NoRA too. A value may be a list of names or a regex string (e.g. gemma4's), exactly as
+    peft stores it. ``None``: no default.
+    """
+    if granularity == "module":
+        return NORA_MODULE_TARGETS.get(model_type)
+    lora_targets = LoraModel.target_module_mapping.get(model_type)
+    return lora_targets if lora_targets is not None else NORA_EXTRA_TARGETS.get(model_type)
 
 
 def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
@@ -44,18 +53,24 @@ class NoraModel(BaseTuner):
 
     prefix: str = "nora_"
     tuner_layer_cls = NoraLayer
-    target_module_mapping = NORA_TARGET_MODULES
+
+    @property
+    def target_module_mapping(self) -> dict[str, list[str] | str]:
+        """peft's LoRA defaults as they are now, plus NoRA's extras where peft has none."""
+        return {**NORA_EXTRA_TARGETS, **LoraModel.target_module_mapping}
 
     def _prepare_adapter_config(self, peft_config: NoraConfig, model_config: dict) -> NoraConfig:
         if peft_config.target_modules is None:
-            mapping = NORA_MODULE_TARGETS if peft_config.granularity == "module" else NORA_TARGET_MODULES
             model_type = model_config.get("model_type")
-            if model_type not in mapping:
+            targets = default_target_modules(model_type, peft_config.granularity)
+            if targets is None:
+                # peft's own sentence first (its tests match on it), then what NoRA knows
                 raise ValueError(
-                    f"NoRA has no default target modules for model type {model_type!r} "
-                    f"(granularity={peft_config.granularity!r}); pass `target_modules=[...]` in NoraConfig."
+                    "Please specify `target_modules` in `peft_config`: NoRA has no default target modules for model "
+                    f"type {model_type!r} (granularity={peft_config.granularity!r}); pass e.g. "
+                    "`NoraConfig(target_modules=['q_proj', 'v_proj'])`."
                 )
-            peft_config.target_modules = set(mapping[model_type])
+            peft_config.target_modules = targets if isinstance(targets, str) else set(targets)
         return peft_config
 
     def _create_and_replace(
@@ -137,13 +152,7 @@ class NoraModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        # peft records every module it replaced; looking those up is much cheaper than walking every module on
-        # each forward (decode steps call this once per token).
-        nora_layers = [
-            m
-            for m in map(self._submodule_or_none, dict.fromkeys(self.targeted_module_names))
-            if isinstance(m, NoraLayer)
-        ]
+        nora_layers = self._nora_layers()
         known = {name for layer in nora_layers for name in layer.nora_up.keys()}
         unknown = {n for n in adapter_names if n != "__base__"} - known
         if unknown:
@@ -155,13 +164,25 @@ class NoraModel(BaseTuner):
             m.register_forward_pre_hook(
                 partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names), with_kwargs=True
             )
-            for m in nora_layers
+            for m in [*nora_layers, *self._modules_to_save_wrappers()]  # like LoRA: routed per row too
         ]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+
+    def _nora_layers(self) -> list[NoraLayer]:
+        # peft records every module it replaced; looking those up is much cheaper than walking every module on
+        # each forward (decode steps call this once per token).
+        modules = map(self._submodule_or_none, dict.fromkeys(self.targeted_module_names))
+        return [m for m in modules if isinstance(m, NoraLayer)]
+
+    def _modules_to_save_wrappers(self) -> list[nn.Module]:
+        # peft's modules_to_save copies route ``adapter_names`` per row themselves; only walk when any exist
+        if not any(getattr(c, "modules_to_save", None) for c in self.peft_config.values()):
+            return []
+        return [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
 
     def _submodule_or_none(self, name: str) -> nn.Module | None:
         try:
