@@ -1,12 +1,13 @@
 """``nora serve``: many unmerged NoRA/LoRA adapters on one base model behind an OpenAI-compatible API.
 
-``engine`` (adapter pool + batching loop over the gathered pass of ``nora_peft.mixed``), ``app`` (FastAPI routes),
-``adapters`` (reading peft adapter folders), ``cli`` (the command). See docs/serving.md.
+``app`` (routes, roles, limits, admission, errors), ``engine`` (the façade the app talks to), ``pool`` (adapter
+names -> slots, LRU, load/unload, validation through ``nora_peft.checkpoint``), ``layers`` (stacked adapter slots),
+``scheduler`` (continuous batching), ``metrics``, ``cli`` (the command). See docs/serving.md.
 """
 
-from .adapters import read_adapter
-from .app import create_app
+from .app import Limits, create_app
 from .engine import Engine, GenRequest, MultiAdapterLinear
 from .errors import AdapterError
+from .pool import AdapterPool
 
-__all__ = ["AdapterError", "Engine", "GenRequest", "MultiAdapterLinear", "create_app", "read_adapter"]
+__all__ = ["AdapterError", "AdapterPool", "Engine", "GenRequest", "Limits", "MultiAdapterLinear", "create_app"]

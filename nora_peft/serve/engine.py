@@ -18,11 +18,11 @@ from typing import Any
 
 import torch.nn as nn
 
-from .adapters import check_adapter_name, read_adapter, scan_adapters_dir
+from ..prompt import adds_bos
 from .errors import AdapterError
 from .layers import MultiAdapterLinear
 from .metrics import ServeMetrics
-from .pool import AdapterPool
+from .pool import AdapterPool, check_adapter_name
 from .scheduler import GenRequest, Policy, Scheduler
 
 __all__ = ["Engine", "GenRequest", "MultiAdapterLinear"]
@@ -54,6 +54,7 @@ class Engine:
         add_bos: bool | None = None,
         scheduler: Policy = "continuous",
         prefill_chunk: int = 256,
+        max_lora_rank: int | None = None,
     ) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
@@ -71,17 +72,20 @@ class Engine:
         self.max_prompt_tokens = int(max_prompt_tokens or self.context_len - 1)
         # like training (nora_peft.lab.data.formatting): text prompts start with BOS when the tokenizer has one and no
         # chat template, unless the tokenizer already adds it
-        self.add_bos = (
-            (tokenizer.bos_token_id is not None and not getattr(tokenizer, "chat_template", None))
-            if (add_bos is None)
-            else add_bos
-        )
+        self.add_bos = adds_bos(tokenizer) if add_bos is None else add_bos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        self.pool = AdapterPool(model, max_adapters)
-        self.registry: dict[str, str] = scan_adapters_dir(adapters_dir)  # every adapter a client may name
+        self.pool = AdapterPool(
+            model,
+            max_adapters,
+            adapters_dir=adapters_dir,
+            allow_external_paths=allow_external_paths,
+            max_rank=max_lora_rank,
+            reserved={base_name},
+        )
+        self.registry = self.pool.registry  # every adapter a client may name
         self.lock = threading.RLock()
         self.metrics = self._make_metrics()
         self.scheduler = Scheduler(
@@ -100,17 +104,8 @@ class Engine:
             prefill_chunk=prefill_chunk,
             policy=scheduler,
         )
-        with self.lock:  # load what fits at start (clear errors now rather than at the first request)
-            for name in list(self.registry):
-                try:
-                    adapter = read_adapter(self.registry[name], name)
-                    self.pool.check_fits(adapter)
-                except AdapterError as e:
-                    log.error("skipping adapter %s: %s", name, e)
-                    del self.registry[name]
-                    continue
-                if len(self.pool.slots) < max_adapters:
-                    self.pool.add(adapter)
+        with self.lock:  # load what fits at start; bad adapters are skipped with a logged reason
+            self.pool.load_dir()
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -118,14 +113,9 @@ class Engine:
 
     def load_adapter(self, name: str, path: str) -> None:
         """Register and load adapter ``name`` from ``path`` (relative paths resolve under ``adapters_dir``)."""
-        check_adapter_name(name, "lora_name")
-        if name == self.base_name:
-            raise AdapterError(f"lora_name {name!r} is the base model's name; choose another.", param="lora_name")
-        resolved = self._resolve_path(path)
-        adapter = read_adapter(resolved, name)
+        adapter, folder = self.pool.prepare(name, path)  # checks and reading need no lock
         with self.lock:
-            self.pool.add(adapter, self.scheduler.pinned())
-            self.registry[name] = str(resolved)
+            self.pool.install(adapter, folder, self.scheduler.pinned())
 
     def unload_adapter(self, name: str) -> None:
         check_adapter_name(name, "lora_name")
@@ -136,30 +126,6 @@ class Engine:
             self.scheduler.abort_adapter(name, 404, f"The model {name!r} was unloaded.")
             if name in self.pool.slots:
                 self.pool.remove(name)
-
-    def _resolve_path(self, path: object) -> Any:
-        from pathlib import Path
-
-        if not isinstance(path, str) or not path:
-            raise AdapterError("lora_path must be a non-empty string (an adapter folder).", param="lora_path")
-        p = Path(path)
-        root = Path(self.adapters_dir).resolve() if self.adapters_dir else None
-        if not p.is_absolute():
-            if root is None:
-                raise AdapterError(
-                    "lora_path is relative but the server has no --adapters-dir; pass an absolute path.",
-                    param="lora_path",
-                )
-            p = root / p
-        p = p.resolve()
-        if not self.allow_external_paths and (root is None or not p.is_relative_to(root)):
-            raise AdapterError(
-                f"lora_path {path!r} is outside --adapters-dir; put the adapter there, or start the server with "
-                "--allow-external-paths.",
-                status=403,
-                param="lora_path",
-            )
-        return p
 
     def _slot_for(self, req: GenRequest, pinned: set[str]) -> int:
         """The pool slot for ``req``'s adapter (``-1``: the base model), loading it if it was evicted."""
@@ -172,7 +138,7 @@ class Engine:
         if slot is None:
             if name not in pinned and len(pinned) >= self.pool.capacity:
                 raise AdapterError("Every adapter slot is in use by running requests.", status=503)
-            slot = self.pool.add(read_adapter(self.registry[name], name), pinned)
+            slot = self.pool.add(self.pool.read(name), pinned)
         return slot
 
     # -- requests ---------------------------------------------------------------------------------------------

@@ -143,10 +143,10 @@ class AdapterPool:
             self.refused += 1
             raise
 
-    def install(self, adapter: AdapterCheckpoint, folder: str) -> None:
+    def install(self, adapter: AdapterCheckpoint, folder: str, pinned: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         """Register ``adapter`` (read by :meth:`prepare`) and give it a slot; 409 if the name was taken meanwhile."""
         self._check_free(adapter.name)
-        self.add(adapter)
+        self.add(adapter, pinned)
         self.registry[adapter.name] = folder
 
     def unload(self, name: object) -> None:

@@ -19,7 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from nora_peft.methods import AdapterSpec, build_peft_model
-from nora_peft.serve import Engine, create_app
+from nora_peft.serve import Engine, Limits, create_app
+from nora_peft.serve.cli import uvicorn_config
 from tests.tiny_models import VOCAB, tiny_causal_lm
 
 WORDS = "the a cat dog sat on mat ran to house big small red blue one two three four five six seven eight".split()
@@ -106,13 +107,14 @@ def serve_env(tmp_path_factory) -> ServeEnv:
 class ServerThread:
     """uvicorn on 127.0.0.1 with a pre-bound free port, in a daemon thread; ``stop()`` ends it."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, limits: Limits | None = None, **options) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        config = uvicorn_config(app, limits or Limits(), log_level="warning", lifespan="on", **options)
+        self.server = uvicorn.Server(config)  # the settings `nora serve` runs with (read timeouts, limits)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> ServerThread:

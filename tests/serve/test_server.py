@@ -131,7 +131,7 @@ def test_load_200_requests_over_8_adapters(server, serve_env):
     start = time.monotonic()
     results = asyncio.run(_fire(server.url, jobs, concurrency=24))
     assert _check_all(results, jobs, serve_env.expected) == 0
-    metrics = httpx.get(f"{server.url}/metrics").json()
+    metrics = httpx.get(f"{server.url}/metrics?format=json").json()
     assert metrics["max_batch_size_seen"] > 1 and metrics["adapter_evictions"] > 0
     assert metrics["adapters_in_memory"] <= 4
     assert time.monotonic() - start < 60
