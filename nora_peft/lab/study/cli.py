@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import probe
 from .results import read_results
 from .spec import PRESETS, StudySpec, expand_cells, load_spec, parse_shard, shard_cells
 
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report from results.jsonl")
     parser.add_argument("--no-report", action="store_true", help="run cells but do not write the report")
     parser.add_argument("--list", action="store_true", help="list the cells (of --shard) and exit")
+    parser.add_argument(
+        "--probe-only", action="store_true", help="run only this shard's lr-probe cells (specs with a probe) and exit"
+    )
 
 
 def default_jobs() -> int:
@@ -48,8 +52,8 @@ def default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _run_jobs(args: argparse.Namespace, out: Path, jobs: int) -> int:
-    """``--jobs N``: N subprocesses, one shard each, then the report in this process."""
+def _run_jobs(args: argparse.Namespace, out: Path, jobs: int, extra: tuple[str, ...] = ()) -> int:
+    """``--jobs N``: N subprocesses, one shard each (``extra`` flags added), then the report in this process."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NORA_STUDY_THREADS": str(threads)}
     procs = []
@@ -67,6 +71,7 @@ def _run_jobs(args: argparse.Namespace, out: Path, jobs: int) -> int:
             "--no-report",
             "--threads",
             str(threads),
+            *extra,
         ]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
@@ -102,6 +107,19 @@ def finish_study(
     return path
 
 
+def _list_cells(spec: StudySpec, out: Path, shard: tuple[int, int]) -> int:
+    """``--list``: the cells of this shard; with an unfinished lr probe, its cells (the final ones depend on it)."""
+    final = probe.resolve(spec, out)
+    if final is None:
+        print(f"# lr probe cells (in {out / probe.PROBE_DIR}); the final cells are listed once the probe is done")
+        cells = probe.probe_cells(spec)
+    else:
+        cells = expand_cells(final)
+    for c in shard_cells(cells, shard):
+        print(c.cell_id)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -111,24 +129,36 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.list:
-        for c in shard_cells(expand_cells(spec), shard):
-            print(c.cell_id)
-        return 0
+        return _list_cells(spec, out, shard)
     from .runner import run_study
 
     start = time.perf_counter()
     if args.report_only:
-        print(finish_study(spec, out, partial=True))
+        final = probe.resolve(spec, out)
+        if final is None:
+            raise SystemExit(f"nora study: the lr probe in {out / probe.PROBE_DIR} is unfinished; run the study first.")
+        print(finish_study(final, out, partial=True))
         return 0
     jobs = args.jobs if args.jobs is not None else (1 if args.shard else default_jobs())
     if jobs > 1:
         if args.shard:
             raise SystemExit("nora study: use either --jobs or --shard, not both.")
+        if spec.probe and probe.resolve(spec, out) is None:  # phase 1: the probe cells, sharded; then the choice
+            rc = _run_jobs(args, out, jobs, ("--probe-only",))
+            if rc:
+                return rc
+        spec = probe.run_probe(spec, out) if spec.probe else spec
+        if args.probe_only:
+            return 0
         rc = _run_jobs(args, out, jobs)
         if rc:
             return rc
         run_study(spec, out)
     else:
+        if spec.probe:
+            spec = probe.run_probe(spec, out, shard=shard, wait=not args.probe_only)
+            if args.probe_only or spec is None:
+                return 0
         run_study(spec, out, shard=shard)
     if not args.no_report:  # --jobs shards run with --no-report: the parent writes the report when all are done
         finish_study(spec, out)

@@ -61,17 +61,29 @@ def _scalars(d: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run_cell(spec: StudySpec, cell: Cell, out_dir: Path) -> dict[str, Any]:
-    """Train, evaluate and analyse one cell (skipping whatever its run dir already holds); return its row."""
+def run_cell(
+    spec: StudySpec,
+    cell: Cell,
+    out_dir: Path,
+    splits: tuple[str, ...] = ("validation", "test"),
+    diverged_ok: bool = False,
+) -> dict[str, Any]:
+    """Train, evaluate (``splits``) and analyse one cell (skipping whatever its run dir already holds); return its
+    row. With ``diverged_ok`` (the lr probe), a NaN/inf loss gives a row marked ``diverged`` instead of an error."""
     from ..evaluate import evaluate_run
 
     ev = spec.eval_settings()
     run_dir = out_dir / "cells" / cell.cell_id
     start = time.perf_counter()
     if not (run_dir / "train_summary.json").exists():
-        from ..train import train
+        from ..train import NonFiniteLossError, train
 
-        train(train_config(spec, cell, run_dir))
+        try:
+            train(train_config(spec, cell, run_dir))
+        except NonFiniteLossError as err:
+            if not diverged_ok:
+                raise
+            return {**cell.describe(), "diverged": True, "error": str(err)[:300], "val_ppl": None}
     if not (run_dir / "eval_validation.json").exists():
         evaluate_run(
             run_dir,
@@ -80,7 +92,7 @@ def run_cell(spec: StudySpec, cell: Cell, out_dir: Path) -> dict[str, Any]:
             max_examples=ev.get("max_examples"),
             batch_size=ev["batch_size"],
         )
-    if not (run_dir / "eval_test.json").exists():
+    if "test" in splits and not (run_dir / "eval_test.json").exists():
         evaluate_run(
             run_dir,
             split="test",
@@ -102,7 +114,7 @@ def cell_row(cell: Cell, run_dir: Path, wall_s: float | None = None) -> dict[str
 
     summary = read_json(run_dir / "train_summary.json")
     val = read_json(run_dir / "eval_validation.json")
-    test = read_json(run_dir / "eval_test.json")
+    test = read_json(run_dir / "eval_test.json") if (run_dir / "eval_test.json").exists() else {}
     row: dict[str, Any] = cell.describe()
     row.update(
         {
@@ -126,6 +138,10 @@ def cell_row(cell: Cell, run_dir: Path, wall_s: float | None = None) -> dict[str
     if wall_s is not None:
         row["cell_wall_s"] = round(wall_s, 2)
     return row
+
+
+def _num(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
 
 
 def _fmt_time(s: float) -> str:
@@ -154,6 +170,8 @@ def run_study(
     shard: tuple[int, int] = (0, 1),
     on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None,
     log: Callable[[str], None] | None = None,
+    splits: tuple[str, ...] = ("validation", "test"),
+    diverged_ok: bool = False,
 ) -> Path:
     """Run this shard's unfinished cells one after another (the report is the CLI's ``finish_study``).
 
@@ -173,24 +191,24 @@ def run_study(
         f"nora study {spec.name}: {len(cells)} cells, shard {shard[0]}/{shard[1]} has {len(mine)}, "
         f"{len(mine) - len(todo)} already done, {len(todo)} to run -> {out_dir}"
     )
-    if todo and spec.model is None:  # build the embedded base once up front, so no cell's time (or ETA) includes it
-        from ..base import ensure_default_base
+    if todo:  # build/convert the base once up front, so no cell's time (or ETA) includes it
+        from ..models import resolve_model
 
-        ensure_default_base()
+        resolve_model(spec.model)
     times: list[float] = []
     study_start = time.perf_counter()
     for k, cell in enumerate(todo):
         t0 = time.perf_counter()
         log(f"[{k + 1}/{len(todo)}] {cell.cell_id} ...")
-        row = run_cell(spec, cell, out_dir)
+        row = run_cell(spec, cell, out_dir, splits, diverged_ok)
         append_result(out_dir, row)
         times.append(time.perf_counter() - t0)
         left = len(todo) - k - 1
         eta = sum(times) / len(times) * left
-        ppl = row.get("test_ppl")
         log(
-            f"[{k + 1}/{len(todo)}] {cell.cell_id}: val ppl {row.get('val_ppl', float('nan')):.3f}, test ppl "
-            f"{ppl if ppl is None else f'{ppl:.3f}'} in {_fmt_time(times[-1])}; {left} left, ETA {_fmt_time(eta)}"
+            f"[{k + 1}/{len(todo)}] {cell.cell_id}: val ppl {_num(row.get('val_ppl'))}, test ppl "
+            f"{_num(row.get('test_ppl'))}, test acc {_num(row.get('test_accuracy'))} in {_fmt_time(times[-1])}; "
+            f"{left} left, ETA {_fmt_time(eta)}"
         )
         if on_cell_done is not None:
             on_cell_done(cell, row)

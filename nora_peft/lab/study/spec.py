@@ -20,7 +20,7 @@ import yaml
 
 from nora_peft.methods import METHODS, AdapterSpec
 
-PRESETS = ("demo", "paper")
+PRESETS = ("demo", "gsm8k", "gsm8k-full", "paper")
 
 #: ablation knobs a variant may change (all NoRA options of AdapterSpec)
 ABLATION_KNOBS = ("activation", "granularity", "dropout", "scaling", "alpha")
@@ -37,6 +37,11 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "analysis": True,
     "analysis_samples": 32,
 }
+
+# The learning-rate probe (optional): each method's ``lr`` grid is tried at one rank and seed for a few steps, scored
+# by validation perplexity alone, and the best lr per method is then used for every final cell (all ranks, seeds and
+# ablation variants). A cheap stand-in for a full grid when cells are expensive (a real model on a CPU).
+PROBE_DEFAULTS: dict[str, Any] = {"rank": None, "seed": 0, "max_steps": 30, "max_examples": 128}
 
 
 @dataclass
@@ -66,6 +71,7 @@ class StudySpec:
     datasets: list[Dataset] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "nora"])
     ranks: list[int] = field(default_factory=lambda: [8])
+    method_ranks: dict[str, list[int]] = field(default_factory=dict)  # a method run at only some of `ranks`
     seeds: list[int] = field(default_factory=lambda: [0])
     lr: dict[str, list[float] | dict[int, list[float]]] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +80,7 @@ class StudySpec:
     eval: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     verdict: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] = field(default_factory=dict)  # empty: the lr grid is swept in full (see PROBE_DEFAULTS)
     notes: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -81,6 +88,10 @@ class StudySpec:
     def eval_settings(self) -> dict[str, Any]:
         """Evaluation settings with defaults filled in."""
         return {**EVAL_DEFAULTS, **self.eval}
+
+    def ranks_of(self, method: str) -> list[int]:
+        """The ranks ``method`` is trained at in the main sweep: ``method_ranks[method]`` if given, else all."""
+        return list(self.method_ranks.get(method, self.ranks))
 
     def lr_grid(self, method: str, r: int) -> list[float]:
         """The learning rates tried for ``method`` at rank ``r``: one grid for every rank, or a grid per rank."""
@@ -107,6 +118,7 @@ class StudySpec:
             "adapter": self.adapter,
             "train": self.train,
             "eval": self.eval_settings(),
+            **({"probe": self.probe} if self.probe else {}),  # studies without a probe keep their old fingerprint
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -263,6 +275,7 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
         datasets=datasets,
         methods=methods,
         ranks=ranks,
+        method_ranks=_method_ranks(raw, methods, ranks, where),
         seeds=seeds,
         lr=lr,
         adapter=adapter,
@@ -271,6 +284,7 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
         eval=dict(raw.get("eval") or {}),
         latency=dict(raw.get("latency") or {}),
         verdict=dict(raw.get("verdict") or {}),
+        probe=dict(raw.get("probe") or {}),
         notes=list(raw.get("notes") or []),
         description=str(raw.get("description") or ""),
     )
@@ -280,11 +294,39 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
     unknown_eval = set(spec.eval) - set(EVAL_DEFAULTS)
     if unknown_eval:
         _fail(where, f"unknown eval key(s) {sorted(unknown_eval)}", f"Use keys from {sorted(EVAL_DEFAULTS)}.")
+    _check_probe(spec, where)
     nora_r, lora_r = spec.verdict_ranks()
     for r in (nora_r, lora_r):
         if r not in ranks:
             _fail(where, f"verdict rank {r} is not among ranks {ranks}", "Fix verdict.nora_rank / verdict.lora_rank.")
     return spec
+
+
+def _method_ranks(raw: dict[str, Any], methods: list[str], ranks: list[int], where: str) -> dict[str, list[int]]:
+    per_method = raw.get("method_ranks") or {}
+    out = {}
+    for m, rs in per_method.items():
+        if m not in methods or not isinstance(rs, list) or not rs or set(map(int, rs)) - set(ranks):
+            _fail(where, f"method_ranks[{m!r}] = {rs!r}", f"Name a method of {methods} and ranks from {ranks}.")
+        out[m] = [int(r) for r in rs]
+    return out
+
+
+def _check_probe(spec: StudySpec, where: str) -> None:
+    """A probe needs one lr grid per method (not per rank) and known keys; its rank defaults to the largest."""
+    if not spec.probe:
+        return
+    unknown = set(spec.probe) - set(PROBE_DEFAULTS)
+    if unknown:
+        _fail(where, f"unknown probe key(s) {sorted(unknown)}", f"Use keys from {sorted(PROBE_DEFAULTS)}.")
+    for m, grid in spec.lr.items():
+        if isinstance(grid, dict):
+            _fail(where, f"lr grid of {m!r} is per rank, but a probe picks one lr per method", "Give one list.")
+    spec.probe = {**PROBE_DEFAULTS, **spec.probe}
+    if spec.probe["rank"] is None:
+        spec.probe["rank"] = max(spec.ranks)
+    if int(spec.probe["max_steps"]) < 1:
+        _fail(where, f"probe.max_steps={spec.probe['max_steps']}", "Use at least one step.")
 
 
 def preset_path(name: str) -> Path:
@@ -332,7 +374,7 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
 
     for ds in spec.datasets:
         for method in spec.methods:
-            for r in spec.ranks:
+            for r in spec.ranks_of(method):
                 add(ds, method, r, "default", {})
         for name, knobs in spec.ablations.variants.items():
             add(ds, "nora", int(spec.ablations.rank), name, dict(knobs))

@@ -1,0 +1,113 @@
+"""The learning-rate probe of a study (``probe:`` in the spec): pick each method's lr cheaply, then run the final cells.
+
+Each method's ``lr`` grid is trained at one rank and one seed for ``max_steps`` steps and scored by validation
+perplexity alone (no generation, no test split, no analysis). The best lr per method -- lowest mean log validation
+perplexity over the datasets, ties to the smaller lr -- is then the only lr of every final cell of that method (all
+ranks, seeds and ablation variants). A run that diverges (NaN/inf loss) scores as the worst.
+
+Files: the probe cells live in ``<out>/probe/`` (their own ``results.jsonl``, resumable like any study); the choice is
+written to ``<out>/probe.json``. The final cells' ids carry the chosen lr, so a resumed study reuses them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..io import write_json_atomic
+from .results import read_results
+from .spec import Ablations, Cell, StudySpec, expand_cells
+
+PROBE_DIR = "probe"
+PROBE_FILE = "probe.json"
+
+
+def probe_spec(spec: StudySpec) -> StudySpec:
+    """The probe cells as a study: every method x lr at the probe's rank and seed, a short budget, val PPL only."""
+    p = spec.probe
+    steps = int(p["max_steps"])
+    return replace(
+        spec,
+        ranks=[int(p["rank"])],
+        method_ranks={},
+        seeds=[int(p["seed"])],
+        ablations=Ablations(),
+        train={**spec.train, "max_steps": steps, "save_steps": steps},
+        eval={**spec.eval, "generate": False, "analysis": False, "max_examples": p["max_examples"]},
+        verdict={"nora_rank": int(p["rank"]), "lora_rank": int(p["rank"])},
+        probe={},
+    )
+
+
+def probe_cells(spec: StudySpec) -> list[Cell]:
+    return expand_cells(probe_spec(spec))
+
+
+def _score(row: dict[str, Any]) -> float:
+    ppl = row.get("val_ppl")
+    return math.log(ppl) if isinstance(ppl, (int, float)) and math.isfinite(ppl) and ppl > 0 else math.inf
+
+
+def chosen_lrs(spec: StudySpec, out_dir: str | Path) -> dict[str, float] | None:
+    """The best lr per method once every probe cell has a row, else ``None``."""
+    rows = {r["cell_id"]: r for r in read_results(Path(out_dir) / PROBE_DIR)}
+    cells = probe_cells(spec)
+    if any(c.cell_id not in rows for c in cells):
+        return None
+    chosen = {}
+    for method in spec.methods:
+        scores: dict[float, list[float]] = defaultdict(list)
+        for c in cells:
+            if c.method == method:
+                scores[c.lr].append(_score(rows[c.cell_id]))
+        chosen[method] = min(scores, key=lambda lr: (sum(scores[lr]) / len(scores[lr]), lr))
+    return chosen
+
+
+def with_lrs(spec: StudySpec, lrs: dict[str, float]) -> StudySpec:
+    """The final study: each method's grid replaced by its chosen lr (the probe settings stay, for the fingerprint)."""
+    return replace(spec, lr={m: [float(lrs[m])] for m in spec.methods})
+
+
+def resolve(spec: StudySpec, out_dir: str | Path) -> StudySpec | None:
+    """``spec`` itself without a probe; with one, the final study if the probe is finished, else ``None``."""
+    if not spec.probe:
+        return spec
+    lrs = chosen_lrs(spec, out_dir)
+    return None if lrs is None else with_lrs(spec, lrs)
+
+
+def run_probe(
+    spec: StudySpec,
+    out_dir: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    wait: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> StudySpec | None:
+    """Run this shard's probe cells; then (``wait``) wait for the other shards' and return the final study, which is
+    also recorded in ``probe.json``. Without ``wait``, returns ``None`` while other shards' probe cells are missing."""
+    from .runner import run_study
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    run_study(probe_spec(spec), out_dir / PROBE_DIR, shard=shard, log=log, splits=("validation",), diverged_ok=True)
+    told = False
+    while (lrs := chosen_lrs(spec, out_dir)) is None:
+        if not wait:
+            return None
+        if not told:
+            log("lr probe: waiting for the other shards' probe cells ...")
+            told = True
+        time.sleep(15)
+    rows = sorted(read_results(out_dir / PROBE_DIR), key=lambda r: (r["method"], r["lr"]))
+    table = [{k: r.get(k) for k in ("method", "r", "lr", "seed", "val_ppl", "diverged")} for r in rows]
+    write_json_atomic(out_dir / PROBE_FILE, {"settings": spec.probe, "chosen": lrs, "cells": table})
+    log("lr probe: chosen " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
+    return with_lrs(spec, lrs)

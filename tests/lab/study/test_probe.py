@@ -1,0 +1,124 @@
+"""The lr probe: probe cells, the choice by validation perplexity, the final cells at the chosen lr, resumption;
+the real-model presets parse and expand as the issue asks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nora_peft.lab.io import read_json
+from nora_peft.lab.study import probe
+from nora_peft.lab.study.results import append_result
+from nora_peft.lab.study.spec import expand_cells, load_spec, parse_spec
+
+
+def probe_spec_raw(**over):
+    return {
+        "name": "p",
+        "datasets": [{"name": "arith", "data": "arith", "options": {"n": 60}}],
+        "methods": ["lora", "nora"],
+        "ranks": [1, 4],
+        "method_ranks": {"nora": [1]},
+        "seeds": [0, 1],
+        "lr": {"lora": [1e-3, 3e-2], "nora": [1e-3, 3e-2]},
+        "probe": {"rank": 4, "max_steps": 3, "max_examples": 6},
+        "adapter": {"dropout": 0.0},
+        "train": {"max_steps": 2, "batch_size": 2, "max_length": 128, "save_steps": 1, "logging_steps": 1},
+        "eval": {"generate": False, "max_examples": 6, "analysis": False, "batch_size": 6},
+        "latency": {"skip": True},
+        "verdict": {"nora_rank": 1, "lora_rank": 4},
+        **over,
+    }
+
+
+def test_probe_cells_are_each_method_and_lr_at_one_rank_and_seed():
+    spec = parse_spec(probe_spec_raw())
+    cells = probe.probe_cells(spec)
+    assert sorted((c.method, c.r, c.seed, c.lr) for c in cells) == [
+        ("lora", 4, 0, 1e-3), ("lora", 4, 0, 3e-2), ("nora", 4, 0, 1e-3), ("nora", 4, 0, 3e-2)
+    ]  # fmt: skip
+    assert probe.probe_spec(spec).train["max_steps"] == 3 and not probe.probe_spec(spec).eval_settings()["generate"]
+
+
+def test_choice_is_lowest_validation_perplexity_and_divergence_loses(tmp_path):
+    spec = parse_spec(probe_spec_raw())
+    assert probe.chosen_lrs(spec, tmp_path) is None and probe.resolve(spec, tmp_path) is None
+    ppl = {("lora", 1e-3): 9.0, ("lora", 3e-2): 7.0, ("nora", 1e-3): 8.0, ("nora", 3e-2): None}  # None: diverged
+    for c in probe.probe_cells(spec):
+        append_result(tmp_path / probe.PROBE_DIR, {**c.describe(), "val_ppl": ppl[(c.method, c.lr)]})
+    assert probe.chosen_lrs(spec, tmp_path) == {"lora": 3e-2, "nora": 1e-3}
+    final = probe.resolve(spec, tmp_path)
+    got = sorted((c.method, c.r, c.seed, c.lr) for c in expand_cells(final))
+    assert got == [("lora", r, s, 3e-2) for r in (1, 4) for s in (0, 1)] + [("nora", 1, s, 1e-3) for s in (0, 1)]
+    assert final.fingerprint() == spec.fingerprint()  # resuming the final cells is allowed
+
+
+def test_probe_spec_errors_name_the_fix():
+    with pytest.raises(ValueError, match="one lr per method"):
+        parse_spec(probe_spec_raw(lr={"lora": {1: [1e-3], 4: [1e-3]}, "nora": [1e-3]}))
+    with pytest.raises(ValueError, match="unknown probe key"):
+        parse_spec(probe_spec_raw(probe={"steps": 3}))
+    with pytest.raises(ValueError, match="method_ranks"):
+        parse_spec(probe_spec_raw(method_ranks={"nora": [2]}))
+
+
+def test_tiny_probe_study_end_to_end(tmp_path, default_base_path, one_thread):
+    """Probe cells train and score; the final cells use the chosen lr; a rerun does nothing new."""
+    import argparse
+
+    from nora_peft.lab.study.cli import add_arguments
+    from nora_peft.lab.study.cli import main as study_main
+
+    spec_path = tmp_path / "p.yaml"
+    import yaml
+
+    spec_path.write_text(yaml.safe_dump(probe_spec_raw()))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out"
+    assert study_main(parser.parse_args([str(spec_path), "--out", str(out), "--jobs", "1", "--no-report"])) == 0
+    chosen = read_json(out / probe.PROBE_FILE)["chosen"]
+    assert set(chosen) == {"lora", "nora"} and all(lr in (1e-3, 3e-2) for lr in chosen.values())
+    rows = [r for r in (out / "results.jsonl").read_text().splitlines() if r]
+    assert len(rows) == 6  # lora r=1,4 + nora r=1, 2 seeds each
+    probe_rows = read_json(out / probe.PROBE_FILE)["cells"]
+    assert len(probe_rows) == 4 and all(math.isfinite(r["val_ppl"]) for r in probe_rows)
+    mtimes = sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json"))
+    assert study_main(parser.parse_args([str(spec_path), "--out", str(out), "--jobs", "1", "--no-report"])) == 0
+    assert sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json")) == mtimes
+
+
+def test_real_presets_parse_and_expand():
+    gsm8k = load_spec("gsm8k")
+    assert gsm8k.model == "smollm2-135m" and gsm8k.adapter["target_modules"] == ["q_proj", "v_proj"]
+    final = probe.with_lrs(gsm8k, {m: 1e-3 for m in gsm8k.methods})
+    cells = expand_cells(final)
+    assert len(cells) == 24 and {c.seed for c in cells} == {0, 1, 2}
+    assert sorted({(c.method, c.r) for c in cells}) == sorted(
+        [(m, r) for m in ("lora", "rslora", "nora") for r in (4, 16)] + [("lora", 64), ("rslora", 64)]
+    )
+    assert gsm8k.verdict_ranks() == (4, 16) and len(probe.probe_cells(gsm8k)) == 9
+    full = load_spec("gsm8k-full")
+    assert full.ranks == [8, 32, 128, 512] and full.verdict_ranks() == (128, 512)
+    assert full.ablations.rank == 128 and full.eval_settings()["max_generate"] == 500
+    assert len(expand_cells(full)) == (3 * 4 * 3 + 5 * 3) * 3
+
+
+def test_paper_preset_adapts_q_and_v_only_as_the_paper():
+    """LoRA r=512 on Llama-3-8B's q_proj and v_proj has 218.1M trainable parameters (the paper's Table 3)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from nora_peft.methods import AdapterSpec, build_peft_model, count_parameters
+
+    paper = load_spec("paper")
+    assert paper.adapter["target_modules"] == ["q_proj", "v_proj"]
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+        peft_model = build_peft_model(
+            model, AdapterSpec(method="lora", r=512, target_modules=paper.adapter["target_modules"])
+        )
+    assert round(count_parameters(peft_model)["trainable"] / 1e6, 1) == 218.1
