@@ -140,6 +140,45 @@ def cell_row(cell: Cell, run_dir: Path, wall_s: float | None = None) -> dict[str
     return row
 
 
+BASE_REFERENCE = "base_reference.json"
+
+
+def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
+    """The reference row: the base model with no adapter, evaluated on each dataset's test split exactly as the
+    cells are (same records, prompts, perplexity and generation settings). Written once to ``base_reference.json``."""
+    import torch
+
+    from ..base import load_model_and_tokenizer
+    from ..evaluate import evaluate_records
+    from ..torch_utils import eval_mode
+    from ..train import base_dtype, load_splits, resolve_precision
+
+    path = out_dir / BASE_REFERENCE
+    if path.exists():
+        return read_json(path)
+    ev = spec.eval_settings()
+    model = tokenizer = None
+    results: dict[str, Any] = {}
+    for ds in spec.datasets:
+        cell = Cell(ds.name, ds.data, tuple(sorted(ds.options.items())), spec.methods[0], spec.ranks[0], "base", (),
+                    1.0, spec.seeds[0])  # fmt: skip
+        cfg = train_config(spec, cell, out_dir / "base")
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=base_dtype(resolve_precision(cfg.precision)))
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+        records = load_splits(cfg)["test"]
+        records = records[: ev["max_examples"]] if ev.get("max_examples") else records
+        with eval_mode(model):
+            results[ds.name] = evaluate_records(
+                model, tokenizer, records, generate_outputs=bool(ev["generate"]), max_length=cfg.max_length,
+                batch_size=ev["batch_size"], max_generate=ev.get("max_generate"),
+            )  # fmt: skip
+    reference = {"model": spec.model or "default", "split": "test", "datasets": results}
+    write_json_atomic(path, reference)
+    return reference
+
+
 def _num(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
 
@@ -195,6 +234,13 @@ def run_study(
         from ..models import resolve_model
 
         resolve_model(spec.model)
+    if shard[0] == 0 and splits == ("validation", "test") and not (out_dir / BASE_REFERENCE).exists():
+        t0 = time.perf_counter()
+        reference = run_base_reference(spec, out_dir)["datasets"]
+        scores = ", ".join(
+            f"{ds}: test ppl {_num(r.get('ppl'))}, acc {_num(r.get('accuracy'))}" for ds, r in reference.items()
+        )
+        log(f"base model (no adapter), the reference row: {scores} in {_fmt_time(time.perf_counter() - t0)}")
     times: list[float] = []
     study_start = time.perf_counter()
     for k, cell in enumerate(todo):

@@ -84,6 +84,8 @@ def test_tiny_probe_study_end_to_end(tmp_path, default_base_path, one_thread):
     assert len(rows) == 6  # lora r=1,4 + nora r=1, 2 seeds each
     probe_rows = read_json(out / probe.PROBE_FILE)["cells"]
     assert len(probe_rows) == 4 and all(math.isfinite(r["val_ppl"]) for r in probe_rows)
+    reference = read_json(out / "base_reference.json")["datasets"]["arith"]  # the base alone, same test records
+    assert reference["n"] == 6 and math.isfinite(reference["ppl"])
     mtimes = sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json"))
     assert study_main(parser.parse_args([str(spec_path), "--out", str(out), "--jobs", "1", "--no-report"])) == 0
     assert sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json")) == mtimes
