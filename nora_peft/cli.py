@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("nora_peft.lab.study.cli", "run the paper's study (sweeps, ablations, report) from a spec or preset"),
     "bench": ("nora_peft.lab.bench", "side-by-side speed and memory benchmarks (JSON)"),
     "serve": ("nora_peft.serve.cli", "OpenAI-compatible server for many unmerged adapters on one base"),
+    "lm-eval": ("nora_peft.lab.lm_eval", "lm-evaluation-harness with NoRA registered (peft=<NoRA adapter> loads)"),
 }
 
 

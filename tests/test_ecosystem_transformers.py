@@ -25,11 +25,15 @@ from .tiny_models import VOCAB, input_ids, tiny_causal_lm
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer inside the tiny models' vocabulary (no download)."""
+    """A character-level tokenizer for the tiny models (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(ord("a") + i): 3 + i for i in range(26)}}
-    assert len(vocab) <= VOCAB
+    import string
+
+    # one token per printable character, exactly the models' vocabulary (lm-eval resizes embeddings otherwise)
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    assert len(vocab) == VOCAB
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
