@@ -155,12 +155,15 @@ def _safe_message(status: int, message: str) -> str:
 
 
 class Guard:
-    """Pure ASGI middleware: API-key roles, and the last line against unexpected exceptions.
+    """Pure ASGI middleware: API-key roles, the body-size limit, and the last line against unexpected exceptions.
 
     Roles: ``/health`` is open. ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` need the admin key (with
     no admin key set they are refused when a user key is set, and open when neither is). Everything else
     (generation, ``/v1/models``, ``/metrics``, ``/docs``, ``/openapi.json``) needs the user key when one is set;
     the admin key is accepted there too. Keys are compared in constant time.
+
+    A body over ``max_body_bytes`` gets a 413: at once when its ``Content-Length`` says so (the body is never
+    read), else as soon as the bytes received pass the limit.
 
     An exception that escapes the app becomes a logged 500 without internals; it is not re-raised (so the
     keep-alive connection stays open).
@@ -169,8 +172,11 @@ class Guard:
     OPEN = frozenset({"/health"})
     ADMIN = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
-    def __init__(self, app: ASGIApp, user_key: str | None = None, admin_key: str | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, user_key: str | None = None, admin_key: str | None = None, max_body_bytes: int = 1 << 20
+    ) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
         self.user_key = user_key.encode() if user_key else None
         self.admin_key = admin_key.encode() if admin_key else None
 
@@ -206,7 +212,21 @@ class Guard:
         if denied is not None:
             await error_response(*denied)(scope, receive, send)
             return
-        started = False
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            response = self._too_large()
+            response.headers["Connection"] = "close"  # the unread body would follow on this connection
+            await response(scope, receive, send)
+            return
+        started, received = False, 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise StarletteHTTPException(413)
+            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -214,11 +234,15 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, limited_receive, tracking_send)
         except Exception:
             log.exception("unhandled error on %s", scope.get("path"))
             if not started:
                 await error_response(500, "Internal error; the server logged the details.")(scope, receive, send)
+
+    def _too_large(self) -> JSONResponse:
+        message = f"The request body is larger than the limit of {self.max_body_bytes} bytes (--max-body-bytes)."
+        return error_response(413, message, "body")
 
 
 # -- one request in flight ----------------------------------------------------------------------------------------
@@ -264,12 +288,12 @@ def create_app(
         yield
         engine.stop()
 
-    app = FastAPI(title="nora serve", lifespan=lifespan, max_body_size=limits.max_body_bytes)
+    app = FastAPI(title="nora serve", lifespan=lifespan)
     _add_error_handlers(app, engine, limits)
     _add_info_routes(app, engine)
     _add_adapter_routes(app, engine)
     _add_generation_routes(app, Admission(engine, limits))
-    app.add_middleware(Guard, user_key=api_key, admin_key=admin_key)
+    app.add_middleware(Guard, user_key=api_key, admin_key=admin_key, max_body_bytes=limits.max_body_bytes)
     return app
 
 
