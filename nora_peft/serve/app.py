@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -173,10 +173,16 @@ class Guard:
     ADMIN = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
     def __init__(
-        self, app: ASGIApp, user_key: str | None = None, admin_key: str | None = None, max_body_bytes: int = 1 << 20
+        self,
+        app: ASGIApp,
+        user_key: str | None = None,
+        admin_key: str | None = None,
+        max_body_bytes: int = 1 << 20,
+        on_reject: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.on_reject = on_reject
         self.user_key = user_key.encode() if user_key else None
         self.admin_key = admin_key.encode() if admin_key else None
 
@@ -210,10 +216,12 @@ class Guard:
             return
         denied = self._denied(scope)
         if denied is not None:
+            self.on_reject("unauthorized" if denied[0] == 401 else "forbidden")
             await error_response(*denied)(scope, receive, send)
             return
         declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"0")
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            self.on_reject("too_large")
             response = self._too_large()
             response.headers["Connection"] = "close"  # the unread body would follow on this connection
             await response(scope, receive, send)
@@ -293,15 +301,26 @@ def create_app(
     _add_info_routes(app, engine)
     _add_adapter_routes(app, engine)
     _add_generation_routes(app, Admission(engine, limits))
-    app.add_middleware(Guard, user_key=api_key, admin_key=admin_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(
+        Guard,
+        user_key=api_key,
+        admin_key=admin_key,
+        max_body_bytes=limits.max_body_bytes,
+        on_reject=_rejection_counter(engine),
+    )
     return app
 
 
+def _rejection_counter(engine: Engine) -> Callable[[str], None]:
+    """``reject(reason)``: count a refused request in the engine's metrics (``nora_rejections_total``)."""
+    metrics = getattr(engine, "metrics", None)
+    if metrics is None or not hasattr(metrics, "rejected"):
+        return lambda reason: None
+    return metrics.rejected
+
+
 def _add_error_handlers(app: FastAPI, engine: Engine, limits: Limits) -> None:
-    def reject(reason: str) -> None:
-        metrics = getattr(engine, "metrics", None)
-        if metrics is not None and hasattr(metrics, "rejected"):
-            metrics.rejected(reason)
+    reject = _rejection_counter(engine)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -319,7 +338,8 @@ def _add_error_handlers(app: FastAPI, engine: Engine, limits: Limits) -> None:
 
     @app.exception_handler(AdapterError)
     async def adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        reject({503: "busy", 404: "unknown_model"}.get(exc.status, "invalid_request"))
+        if exc.status != 503:  # the scheduler counts a full queue itself
+            reject("unknown_model" if exc.status == 404 else "invalid_request")
         return error_response(exc.status, _safe_message(exc.status, str(exc)), exc.param, limits.retry_after_s)
 
     @app.exception_handler(StarletteHTTPException)
@@ -544,9 +564,7 @@ async def _first_event(call: _Call, req: GenRequest, engine: Engine, limits: Lim
         if kind in ("timeout", "disconnect"):
             req.cancelled = True
             if kind == "timeout":
-                metrics = getattr(engine, "metrics", None)
-                if metrics is not None and hasattr(metrics, "rejected"):
-                    metrics.rejected("timeout")
+                _rejection_counter(engine)("timeout")
                 return "timeout", limits.request_timeout_s
         return kind, payload
 
