@@ -1,0 +1,149 @@
+"""``nora train``: flags (one per ``TrainConfig`` field), a config file, and the exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ...methods import METHODS
+from ..io import read_json
+from .config import PRECISIONS, TrainConfig
+from .recipe import train
+from .trainer import NonFiniteLossError
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "") else int(text)
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    """``'{"n": 500}'`` (JSON) or ``n=500,digits=3`` (values parsed as YAML scalars)."""
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    import yaml
+
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs or a JSON object, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _scaling(text: str) -> str | float:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _targets(text: str) -> list[str] | str:
+    """``q_proj,v_proj`` -> a list; ``all-linear`` or a regex (``.*\\.(q|v)_proj``) stays a string."""
+    if text == "all-linear" or any(c in text for c in "*^$|()[]\\"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+#: CLI flag -> (TrainConfig field, argparse kwargs); adapter fields are ``adapter.<name>``
+FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--model": ("model", dict(help="base model: smollm2-135m, a local dir or hub id (default: the embedded base)")),
+    "--data": (
+        "data",
+        dict(
+            help="data source: reasoning (default), arith, logistic, gsm8k, slimorca, "
+            "mathinstruct, a local .jsonl/.json/.csv file or a hub id"
+        ),
+    ),
+    "--data-options": ("data_options", dict(type=_mapping, help="extra load_source options: KEY=VALUE,... or JSON")),
+    "--field-map": ("field_map", dict(type=_mapping, help="record field -> column: prompt=question,response=answer")),
+    "--output-dir": ("output_dir", dict(help="run dir (default: runs/<data>-<label>-s<seed>)")),
+    "--method": ("adapter.method", dict(choices=METHODS, help="adapter method (default nora)")),
+    "--r": ("adapter.r", dict(type=int, help="rank (default 8)")),
+    "--alpha": ("adapter.alpha", dict(type=float, help="scaling numerator (default 2*r)")),
+    "--dropout": ("adapter.dropout", dict(type=float, help="adapter dropout (default 0.05)")),
+    "--activation": ("adapter.activation", dict(help="NoRA activation: silu (default), relu, gelu, tanh, identity")),
+    "--granularity": ("adapter.granularity", dict(choices=("weight", "module"), help="NoRA granularity")),
+    "--scaling": ("adapter.scaling", dict(type=_scaling, help="NoRA scaling: alpha/r (default), rslora or a number")),
+    "--target-modules": ("adapter.target_modules", dict(type=_targets, help="comma list, regex or all-linear")),
+    "--lr": ("lr", dict(type=float, help="peak learning rate (default 2e-4)")),
+    "--epochs": ("epochs", dict(type=float, help="epochs when --max-steps is -1")),
+    "--max-steps": ("max_steps", dict(type=int, help="optimizer steps; overrides --epochs (default -1: use --epochs)")),
+    "--batch-size": ("batch_size", dict(type=int, help="per-device batch size (default 8)")),
+    "--grad-accum": ("grad_accum", dict(type=int, help="gradient accumulation steps (default 1)")),
+    "--max-length": ("max_length", dict(type=int, help="max tokens of prompt + response (default 256)")),
+    "--warmup-ratio": ("warmup_ratio", dict(type=float, help="linear warmup fraction (default 0.05)")),
+    "--lr-scheduler": ("lr_scheduler", dict(help="transformers scheduler name (default cosine)")),
+    "--weight-decay": ("weight_decay", dict(type=float, help="AdamW weight decay (default 0)")),
+    "--max-grad-norm": ("max_grad_norm", dict(type=float, help="gradient clipping (default 1.0; 0: off)")),
+    "--gradient-checkpointing": ("gradient_checkpointing", dict(action=argparse.BooleanOptionalAction)),
+    "--seed": ("seed", dict(type=int, help="adapter init / dropout seed (default 0)")),
+    "--data-seed": ("data_seed", dict(type=int, help="splits and data order seed (default 0)")),
+    "--val-size": ("val_size", dict(type=float, help="validation fraction when the source has none (default 0.1)")),
+    "--test-size": ("test_size", dict(type=float, help="test fraction when the source has none (default 0.1)")),
+    "--max-train-examples": ("max_train_examples", dict(type=_optional_int, help="cap the train split")),
+    "--save-steps": ("save_steps", dict(type=int, help="checkpoint every N steps (default 50)")),
+    "--save-total-limit": ("save_total_limit", dict(type=_optional_int, help="checkpoints kept (default 2)")),
+    "--logging-steps": ("logging_steps", dict(type=int, help="log every N steps (default 10)")),
+    "--eval-steps": ("eval_steps", dict(type=_optional_int, help="validation loss every N steps (default: none)")),
+    "--resume": ("resume", dict(action=argparse.BooleanOptionalAction, help="continue from the last checkpoint")),
+    "--overwrite": ("overwrite", dict(action=argparse.BooleanOptionalAction, help="delete a previous run here")),
+    "--precision": (
+        "precision",
+        dict(choices=PRECISIONS, help="auto (bf16 on a GPU or a CPU with bf16 units, else fp32), fp32, bf16, fp16"),
+    ),
+    "--group-by-length": (
+        "group_by_length",
+        dict(action=argparse.BooleanOptionalAction, help="batches of similar length: less padding (default off)"),
+    ),
+    "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bar (default on)")),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML/JSON file of TrainConfig fields; flags given here override it")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)"
+    )
+    for flag, (_, kwargs) in FLAGS.items():
+        parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config file (if any) with every flag that was given applied on top."""
+    base = TrainConfig.from_file(args.config) if getattr(args, "config", None) else TrainConfig()
+    d = base.to_dict()
+    for flag, (name, _) in FLAGS.items():
+        dest = flag[2:].replace("-", "_")
+        if dest not in vars(args):
+            continue
+        value = getattr(args, dest)
+        if name.startswith("adapter."):
+            d["adapter"][name.split(".", 1)[1]] = value
+        else:
+            d[name] = value
+    return TrainConfig.from_dict(d)
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = config_from_args(args)
+        run_dir = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"nora train: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as e:
+        print(f"nora train: {e}", file=sys.stderr)
+        return 2
+    summary = run_dir / "train_summary.json"
+    if summary.exists() and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run_dir": str(run_dir), **read_json(summary)}, indent=2))
+    return 0
