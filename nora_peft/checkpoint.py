@@ -78,7 +78,12 @@ class AdapterCheckpoint:
 
 
 def check_shapes(
-    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], label: str, *, require_all: bool = True
+    found: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    label: str,
+    *,
+    require_all: bool = True,
+    model: str = "this base model",
 ) -> None:
     """Raise :class:`CheckpointError` naming every key whose shape differs, is unexpected or (``require_all``) missing.
 
@@ -92,13 +97,12 @@ def check_shapes(
         elif tuple(shape) != tuple(expected[key]):
             problems.append(f"{key}: adapter has shape {tuple(shape)}, the model needs {tuple(expected[key])}")
     if require_all:
-        problems += [
-            f"{k}: expected by the config but missing from the adapter" for k in sorted(set(expected) - set(found))
-        ]
+        missing = sorted(set(expected) - set(found))
+        problems += [f"{k}: expected by the config but missing from the adapter file" for k in missing]
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise CheckpointError(
-            f"Adapter {label} does not fit this base model:\n  {shown}\n"
+            f"Adapter {label} does not fit {model}:\n  {shown}\n"
             "Load it onto the base model it was trained on (see base_model_name_or_path in adapter_config.json)."
         )
 
@@ -141,12 +145,27 @@ def _build_config(raw: dict, label: str) -> NoraConfig | LoraConfig:
         raise CheckpointError(f"Adapter {label}: {CONFIG_NAME} is not a valid {cls.__name__}: {e}") from None
     if cls is LoraConfig:
         _validate_lora(config, label)
+    return config
+
+
+def _check_mixable(config: NoraConfig | LoraConfig, label: str) -> None:
+    """What a per-row mixed pass (``nora_peft.mixed``) cannot apply: refused for serving, fine for ``PeftModel``."""
     if config.modules_to_save:
         raise CheckpointError(
             f"Adapter {label} also trains full modules {config.modules_to_save} (modules_to_save); those cannot be "
             "mixed per row. Use it with PeftModel instead."
         )
-    return config
+    if isinstance(config, NoraConfig) and config.granularity != "weight":
+        raise CheckpointError(
+            f"Adapter {label} has granularity={config.granularity!r}; only per-weight adapters are read here. "
+            "Use block-level adapters with PeftModel (adapter_names=) instead."
+        )
+    unsupported = [k for k in LORA_UNSUPPORTED if isinstance(config, LoraConfig) and getattr(config, k, None)]
+    if unsupported:
+        raise CheckpointError(
+            f"LoRA adapter {label} uses {unsupported}, which a per-row mixed pass cannot apply; use plain "
+            "LoRA/rsLoRA adapters, or merge this one into the base."
+        )
 
 
 def _validate_lora(config: LoraConfig, label: str) -> None:
@@ -162,12 +181,6 @@ def _validate_lora(config: LoraConfig, label: str) -> None:
     for name, a in alphas:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise CheckpointError(f"Adapter {label}: LoraConfig.{name} must be a finite number; got {a!r}.")
-    unsupported = [k for k in LORA_UNSUPPORTED if getattr(config, k, None)]
-    if unsupported:
-        raise CheckpointError(
-            f"LoRA adapter {label} uses {unsupported}, which a per-row mixed pass cannot apply; use plain "
-            "LoRA/rsLoRA adapters, or merge this one into the base."
-        )
 
 
 def layer_rank_and_scaling(config: NoraConfig | LoraConfig, module: str) -> tuple[int, float]:
@@ -212,12 +225,8 @@ def read_checkpoint(
     folder = Path(folder)
     label = label or str(folder)
     config = read_config(folder, label)
+    _check_mixable(config, label)
     nora = isinstance(config, NoraConfig)
-    if nora and config.granularity != "weight":
-        raise CheckpointError(
-            f"Adapter {label} has granularity={config.granularity!r}; only per-weight adapters are read here. "
-            "Use block-level adapters with PeftModel (adapter_names=) instead."
-        )
     checkpoint = AdapterCheckpoint(
         name=name or folder.name,
         method="nora" if nora else "lora",
@@ -297,3 +306,42 @@ def _plan_layers(
         layers[module] = (p[up_part], p[down_part], float(scaling))
     check_shapes(found, wanted, label, require_all=False)
     return layers
+
+
+def check_fits_model(
+    folder: str | os.PathLike, model: torch.nn.Module, label: str | None = None, model_label: str = "this base model"
+) -> None:
+    """Raise :class:`CheckpointError` naming every layer whose adapter weights do not fit ``model`` (before peft
+    loads them; header only, nothing loaded).
+
+    The expected shapes come from the config's rank per layer and the model's layer: ``(r, in)`` for
+    ``lora_A``/``nora_up``, ``(out, r)`` for ``lora_B``/``nora_down``, for ``nn.Linear`` and transformers
+    ``Conv1D``. Weights of other kinds (DoRA magnitudes, block-level NoRA) are left to peft.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    folder = Path(folder)
+    label = label or str(folder)
+    config = read_config(folder, label)
+    layers = dict(model.named_modules())
+    found: dict[str, tuple[int, ...]] = {}
+    wanted: dict[str, tuple[int, ...]] = {}
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        for key in f.keys():
+            m = _KEY_RE.match(key)
+            if m is None:
+                continue
+            module, part = m["module"], m["part"]
+            layer = layers.get(module)
+            if layer is not None and not isinstance(layer, (torch.nn.Linear, Conv1D)):
+                continue  # a block (granularity="module"): peft checks it
+            found[key] = tuple(f.get_slice(key).get_shape())
+            if layer is None:
+                continue  # named in the message as a layer the model does not have
+            if isinstance(layer, torch.nn.Linear):
+                d, k = layer.out_features, layer.in_features
+            else:  # Conv1D stores its weight as (in, out)
+                k, d = layer.weight.shape
+            r = layer_rank_and_scaling(config, module)[0]
+            wanted[key] = (r, k) if part in ("lora_A", "nora_up") else (d, r)
+    check_shapes(found, wanted, label, require_all=False, model=model_label)

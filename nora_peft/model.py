@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import check_shapes
 from .config import NoraConfig
 from .layer import Linear, NoraLayer, ParallelBlock
 
@@ -217,21 +218,6 @@ def _check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict
         return key.removeprefix("base_model.model.")
 
     suffixes = (f".nora_up.{adapter_name}.weight", f".nora_down.{adapter_name}.weight")
-    expected = {bare(k): p for k, p in model.named_parameters() if k.endswith(suffixes)}
-    loaded = {bare(k): v for k, v in state_dict.items() if ".nora_up." in k or ".nora_down." in k}
-    problems = []
-    for key, value in loaded.items():
-        if key not in expected:
-            problems.append(f"{key}: in the adapter file but the model has no such NoRA layer")
-        elif tuple(value.shape) != tuple(expected[key].shape):
-            problems.append(
-                f"{key}: adapter has shape {tuple(value.shape)}, the base model needs {tuple(expected[key].shape)}"
-            )
-    missing = sorted(set(expected) - set(loaded))
-    problems += [f"{k}: expected by the config but missing from the adapter file" for k in missing]
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise ValueError(
-            f"NoRA adapter {adapter_name!r} does not fit this base model:\n  {shown}\n"
-            "Load it onto the base model it was trained on (see base_model_name_or_path in adapter_config.json)."
-        )
+    expected = {bare(k): tuple(p.shape) for k, p in model.named_parameters() if k.endswith(suffixes)}
+    loaded = {bare(k): tuple(v.shape) for k, v in state_dict.items() if ".nora_up." in k or ".nora_down." in k}
+    check_shapes(loaded, expected, f"NoRA adapter {adapter_name!r}")  # one comparison for the library and server

@@ -1,7 +1,7 @@
 """How a prompt becomes text and token ids, the same way for training, evaluation and serving.
 
-One rule set, used by the lab (``nora_peft.lab.data.formatting``) and the server (``nora_peft.serve``) alike, so an
-adapter is served exactly as it was trained:
+One rule set, used by the lab's data formatting and by the server alike (the core imports neither), so an adapter
+is served exactly as it was trained:
 
 * a tokenizer with a chat template formats a user turn with it; one without uses :data:`PLAIN_TEMPLATE`;
 * text formatted with the plain template starts with the tokenizer's BOS token (when it has one), added once.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nora_peft.checkpoint import CheckpointError, check_shapes, read_checkpoint, read_config
+from nora_peft.checkpoint import CheckpointError, check_fits_model, check_shapes, read_checkpoint, read_config
 from nora_peft.methods import AdapterSpec, build_peft_model
 from tests.tiny_models import tiny_causal_lm
 
@@ -201,3 +201,15 @@ def test_check_shapes_lists_every_problem():
 def test_read_config_returns_the_validated_config(nora_dir):
     config = read_config(nora_dir)
     assert config.r == 4 and config.activation == "silu"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["nora", "lora", "dora"])
+def test_check_fits_model_before_peft_loads(tmp_path, arch, method):
+    """The lab's check: header shapes against the model's linear (or Conv1D) layers and the config's rank."""
+    base = tiny_causal_lm(arch)
+    save(base, AdapterSpec(method=method, r=4), tmp_path / "a")
+    check_fits_model(tmp_path / "a", base)  # fits the model it was trained on (DoRA's magnitudes left to peft)
+    wider = tiny_causal_lm(arch, **({"n_embd": 48} if arch == "gpt2" else {"hidden_size": 48}))
+    with pytest.raises(CheckpointError, match=r"(?s)does not fit.*needs \(4, 48\)"):
+        check_fits_model(tmp_path / "a", wider, label="'a'")

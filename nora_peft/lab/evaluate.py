@@ -273,23 +273,20 @@ def logistic_eval(
 # Models, adapters, run dirs
 # ---------------------------------------------------------------------------------------------------------------
 def load_adapter(base: torch.nn.Module, adapter_dir: str | Path, *, base_name: str | None = None):
-    """``PeftModel.from_pretrained`` (NoRA or LoRA) with a clear error when the adapter does not fit ``base``."""
+    """``PeftModel.from_pretrained`` (NoRA or LoRA), after checking that the adapter fits ``base`` (the core check,
+    ``nora_peft.checkpoint.check_fits_model``, names every layer and both shapes)."""
     from peft import PeftModel
+
+    from ..checkpoint import CheckpointError, check_fits_model
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir} is not a peft adapter dir (no adapter_config.json).")
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir))
-    except (ValueError, RuntimeError, KeyError) as e:
-        trained_on = read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = [ln for ln in lines if "size mismatch" in ln or "shape" in ln or "missing" in ln.lower()] or lines
-        shown = "\n  ".join(detail[:6]) + (f"\n  ... ({len(detail) - 6} more)" if len(detail) > 6 else "")
-        raise AdapterMismatchError(
-            f"Adapter {adapter_dir} does not fit base model {base_name or '(embedded default)'}:\n  {shown}\n"
-            f"Load it onto the base model it was trained on (adapter_config.json says: {trained_on})."
-        ) from None
+        check_fits_model(adapter_dir, base, model_label=f"base model {base_name or '(embedded default)'}")
+    except CheckpointError as e:
+        raise AdapterMismatchError(str(e)) from None
+    return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def load_run(run_dir: str | Path):

@@ -1,4 +1,8 @@
-"""Prompt formatting, response-only labels, deterministic splits and answer extraction."""
+"""Prompt formatting, response-only labels, deterministic splits and answer extraction.
+
+The prompt rules (chat template or :data:`PLAIN_TEMPLATE`, and when a BOS token goes in front) live in the core,
+``nora_peft.prompt``, so that the server formats a request exactly as training formatted the data.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,27 @@ from typing import Any
 
 from .loaders import normalize_number
 
-#: Used when the tokenizer has no chat template (the embedded default base has none).
-PLAIN_TEMPLATE = "### Question:\n{prompt}\n\n### Answer:\n"
+from ...prompt import PLAIN_TEMPLATE, adds_bos, format_prompt, has_chat_template, with_bos
 
-
-def format_prompt(tokenizer: Any, prompt: str) -> str:
-    """The text up to where the response starts: the chat template if the tokenizer has one, else
-    :data:`PLAIN_TEMPLATE`."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return PLAIN_TEMPLATE.format(prompt=prompt)
+__all__ = [
+    "PLAIN_TEMPLATE",
+    "adds_bos",
+    "answer_is_complete",
+    "answers_match",
+    "build_lm_dataset",
+    "describe_splits",
+    "extract_answer",
+    "format_example",
+    "format_prompt",
+    "has_chat_template",
+    "make_splits",
+    "normalize_answer",
+]
 
 
 def format_example(tokenizer: Any, record: dict) -> tuple[str, str]:
-    """``(prompt_text, response_text)``; the response ends with the tokenizer's eos token."""
+    """``(prompt_text, response_text)``; the response ends with the tokenizer's eos token (with a chat template that
+    is the end-of-turn token the template writes after a reply, e.g. ``<|im_end|>``: what generation stops on)."""
     return format_prompt(tokenizer, record["prompt"]), record["response"] + (tokenizer.eos_token or "")
 
 
@@ -43,7 +52,7 @@ def build_lm_dataset(records: list[dict], tokenizer: Any, *, max_length: int, re
     prompt_ids = tokenizer([t[0] for t in texts], add_special_tokens=False)["input_ids"] if texts else []
     response_ids = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"] if texts else []
     for rec, p_ids, r_ids in zip(records, prompt_ids, response_ids):
-        if getattr(tokenizer, "bos_token_id", None) is not None and not getattr(tokenizer, "chat_template", None):
+        if adds_bos(tokenizer):  # the BOS rule the server applies too (nora_peft/prompt.py)
             p_ids = [tokenizer.bos_token_id, *p_ids]
         longest_prompt = max(longest_prompt, len(p_ids))
         if len(p_ids) >= max_length:
@@ -109,23 +118,41 @@ def describe_splits(splits: dict[str, list[dict]], *, source: str, seed: int) ->
     }
 
 
-_ANSWER_PATTERNS = [re.compile(r"####\s*([^\n]+)"), re.compile(r"[Tt]he answer is:?\s*\$?([-\d.,]+\d|[-\d]+)")]
+# A number as models and GSM8K write it: optional sign (ASCII or unicode minus), optional "$", digits with optional
+# thousands commas, optional decimals ("1,234.50", "-7", "$18", ".5"). A trailing "." is punctuation, not a decimal
+# point, because the decimal part needs a digit after it.
+_NUMBER = r"[-\u2212]?\s?\$?\s?[-\u2212]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+_FINAL = re.compile(r"####[ \t]*(?:[^\d\n$\u2212.-]{0,20}?)(" + _NUMBER + ")")  # "#### 42", "#### Answer: $42"
+_THE_ANSWER = re.compile(r"[Tt]he (?:final )?answer is:?[ \t]*(" + _NUMBER + ")")
+_ANY_NUMBER = re.compile(_NUMBER)
+# The "#### N" line is complete once the number is followed by something that cannot continue it: a character other
+# than a digit, "," or "." -- or a "," / "." followed by a non-digit. Until then the next token may add digits
+# ("#### 1" -> "#### 1,234.5"), so generation must not stop there.
+_FINAL_DONE = re.compile(r"####[ \t]*(?:[^\d\n$\u2212.-]{0,20}?)" + _NUMBER + r"(?:[^\d.,]|[.,][^\d])")
 
 
 def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | None:
-    """The final answer a response states (``#### N`` or ``The answer is N``), normalized; else ``None``."""
-    for pattern in _ANSWER_PATTERNS:
+    """The final answer a response states, normalized (``"#### $1,234.50."`` -> ``"1234.5"``), else ``None``.
+
+    The last ``#### N`` wins (GSM8K's format); without one, the last ``The answer is N``; with
+    ``last_number_fallback``, the last number anywhere.
+    """
+    for pattern in (_FINAL, _THE_ANSWER) + ((_ANY_NUMBER,) if last_number_fallback else ()):
         found = pattern.findall(text)
         if found:
             return normalize_answer(found[-1])
-    if last_number_fallback:
-        numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)
-        if numbers:
-            return normalize_answer(numbers[-1])
     return None
 
 
+def answer_is_complete(text: str) -> bool:
+    """Whether ``text`` holds a finished ``#### N`` line (the number cannot grow any more): where generation may stop
+    early without changing what :func:`extract_answer` reads from the ``####`` line."""
+    return _FINAL_DONE.search(text) is not None
+
+
 def normalize_answer(text: str) -> str:
+    """Numbers by value (``"$1,234.50"`` -> ``"1234.5"``, ``"18.0"`` -> ``"18"``, ``"\u22127"`` -> ``"-7"``); other text
+    stripped (see ``loaders.normalize_number``)."""
     return normalize_number(text)
 
 
