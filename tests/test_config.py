@@ -61,3 +61,16 @@ def test_json_round_trip(tmp_path):
     assert isinstance(loaded, NoraConfig)
     for field in ("r", "alpha", "dropout", "activation", "granularity", "scaling", "target_modules", "rank_pattern"):
         assert getattr(loaded, field) == getattr(cfg, field), field
+
+
+def test_activation_and_granularity_are_literal_types_matching_the_ops():
+    from typing import get_args, get_type_hints
+
+    from nora_peft.config import Activation, Granularity
+    from nora_peft.ops import ACTIVATIONS
+
+    hints = get_type_hints(NoraConfig)
+    assert hints["activation"] is Activation and hints["granularity"] is Granularity
+    assert get_args(Activation) == ACTIVATIONS and get_args(Granularity) == ("weight", "module")
+    for name in ("activation", "granularity"):  # peft-style docs: the field's Literal type in `Args:`
+        assert f"{name} (`Literal[" in NoraConfig.__doc__
