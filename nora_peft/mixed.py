@@ -6,11 +6,12 @@ scaling) -- of any ranks up to ``r_max`` is computed without a Python loop over 
     idx  = per-row adapter index                    (B,)       -1: no adapter (the row is left untouched)
     z    = bmm(x, W_up[idx]^T)                      (B, T, r_max)      shrink
     a    = act_{kind[idx]}(z)                       (B, T, r_max)      per-adapter activation
-    out  = bmm(a, (s * W_down)[idx]^T)              (B, T, d)          expand
+    out  = bmm(a, (s * W_down^T)[idx])              (B, T, d)          expand
 
 Slots are written by :func:`write_slot` (the one place that pads and folds the scaling): ``W_up`` fills the first
-``r`` rows of its slot and ``s * W_down`` the first ``r`` columns, the rest stays zero. Padding is exact, because a
-padded latent unit contributes ``W_down[:, j] * act(0) = 0`` for every activation of :data:`nora_peft.ops.ACTIVATIONS`.
+``r`` rows of its slot and ``s * W_down^T`` the first ``r`` rows of the down stack, the rest stays zero. Padding is
+exact, because a padded latent unit contributes ``W_down[:, j] * act(0) = 0`` for every activation of
+:data:`nora_peft.ops.ACTIVATIONS`.
 ``stack_adapters`` appends one all-zero slot that rows with index ``-1`` are routed to, so they get an exact zero.
 
 **Rank buckets and segments** (SGMV-style, for a server whose adapters have very different ranks). Padding every
@@ -47,7 +48,7 @@ class StackedAdapters:
 
     Attributes:
         up: ``(S, r_max, k)`` -- each ``W_up`` zero-padded to ``r_max`` rows.
-        down: ``(S, d, r_max)`` -- each ``s * W_down`` zero-padded to ``r_max`` columns.
+        down: ``(S, r_max, d)`` -- each ``s * W_down^T`` zero-padded to ``r_max`` rows.
         kind: ``(S,)`` long -- index into ``kinds`` of each slot's activation.
         kinds: the activation names present, e.g. ``("silu", "identity")``.
         names: the adapter name of each named slot (``stack_adapters``: all but the trailing all-zero slot).
@@ -92,23 +93,22 @@ def write_slot(
     w_down: torch.Tensor | None,
     scaling: float,
 ) -> None:
-    """Write one adapter into ``slot`` of stacked ``up (S, r_max, k)`` / ``down (S, d, r_max)`` tensors.
+    """Write one adapter into ``slot`` of stacked ``up (S, r_max, k)`` / ``down (S, r_max, d)`` tensors.
 
-    ``W_up (r, k)`` fills the first ``r`` rows, ``scaling * W_down (d, r)`` the first ``r`` columns, and the padding
-    is zeroed; ``None`` (the adapter does not target this layer) leaves an all-zero slot, an exact no-op.
+    ``W_up (r, k)`` and ``scaling * W_down^T (r, d)`` fill the first ``r`` rows of their slots, the padding is zeroed; ``None`` (the adapter does not target this layer) leaves an all-zero slot, an exact no-op.
     """
     up[slot].zero_()
     down[slot].zero_()
     if w_up is None or w_down is None:
         return
     r, k = w_up.shape
-    if r > up.shape[1] or k != up.shape[2] or w_down.shape != (down.shape[1], r):
+    if r > up.shape[1] or k != up.shape[2] or w_down.shape != (down.shape[2], r):
         raise ValueError(
             f"W_up {tuple(w_up.shape)} / W_down {tuple(w_down.shape)} do not fit a stack of W_up (r<={up.shape[1]}, "
-            f"{up.shape[2]}) and W_down ({down.shape[1]}, r); stack only adapters of the same layer, r <= r_max."
+            f"{up.shape[2]}) and W_down ({down.shape[2]}, r); stack only adapters of the same layer, r <= r_max."
         )
     up[slot, :r] = w_up.detach().to(up)
-    down[slot, :, :r] = w_down.detach().to(down) * scaling
+    down[slot, :r] = w_down.detach().t().to(down) * scaling
 
 
 def stack_adapters(
@@ -132,7 +132,7 @@ def stack_adapters(
     for act in kinds:
         activation_fn(act)  # validates the name
     up = first_up.new_zeros(len(adapters) + 1, r_max, k)
-    down = first_up.new_zeros(len(adapters) + 1, d, r_max)
+    down = first_up.new_zeros(len(adapters) + 1, r_max, d)
     for i, (name, w_up, w_down, scaling, _act) in enumerate(adapters):
         try:
             write_slot(up, down, i, w_up, w_down, scaling)
@@ -151,12 +151,16 @@ def mixed_delta(x: torch.Tensor, stacked: StackedAdapters, index: torch.Tensor) 
     """
     if index.shape != (x.shape[0],):
         raise ValueError(f"index must have one entry per batch row: shape ({x.shape[0]},), got {tuple(index.shape)}.")
+    return _gathered(x, stacked, torch.remainder(index, stacked.up.shape[0]))  # -1 -> the trailing all-zero slot
+
+
+def _gathered(x: torch.Tensor, stacked: StackedAdapters, idx: torch.Tensor) -> torch.Tensor:
+    """The gathered pass for non-negative slot indices ``idx``."""
     batch, k = x.shape[0], x.shape[-1]
     x3 = x.reshape(batch, -1, k).to(stacked.up.dtype)
-    idx = torch.remainder(index, stacked.up.shape[0])  # -1 -> the trailing all-zero slot
     z = torch.bmm(x3, stacked.up.index_select(0, idx).transpose(1, 2))  # shrink: (B, T, r_max)
     a = _activate(z, stacked, idx)
-    out = torch.bmm(a, stacked.down.index_select(0, idx).transpose(1, 2))  # expand: (B, T, d), scaling folded in
+    out = torch.bmm(a, stacked.down.index_select(0, idx))  # expand: (B, T, d), scaling folded in
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -245,6 +249,6 @@ def segmented_delta(
 
 def _segment_delta(x: torch.Tensor, stacked: StackedAdapters, seg: Segment) -> torch.Tensor:
     if seg.slot is None:
-        return mixed_delta(x, stacked, seg.index)
+        return _gathered(x, stacked, seg.index)
     x = x.to(stacked.up.dtype)  # one adapter for every row: two plain matmuls, no per-row copies of the weights
-    return activation_fn(seg.activation)(x @ stacked.up[seg.slot].t()) @ stacked.down[seg.slot].t()
+    return activation_fn(seg.activation)(x @ stacked.up[seg.slot].t()) @ stacked.down[seg.slot]

@@ -23,7 +23,8 @@ def _random_adapters(k: int, d: int) -> list[tuple[str, torch.Tensor, torch.Tens
     ]
 
 
-@pytest.mark.parametrize("shape", [(9, 4), (9,)])  # (B, T, k) and (B, k)
+# (B, T, k) and (B, k)
+@pytest.mark.parametrize("shape", [(9, 4), (9,), (3,), (3, 2)])
 def test_mixed_delta_matches_each_adapter_alone(shape):
     k, d = 12, 7
     adapters = _random_adapters(k, d)
@@ -33,7 +34,7 @@ def test_mixed_delta_matches_each_adapter_alone(shape):
     adapters.append(("lora", lora_a, lora_b, 12 / 6, "identity"))
     stacked = stack_adapters(adapters)
     assert stacked.up.shape == (len(adapters) + 1, 8, k)
-    index = torch.tensor([0, 1, 2, 3, 4, 5, -1, 1, 0])
+    index = torch.tensor([0, 1, 2, 3, 4, 5, -1, 1, 0])[: shape[0]] if shape[0] == 9 else torch.tensor([3, -1, 5])
     x = torch.randn(*shape, k, generator=g, dtype=D64)
     out = mixed_delta(x, stacked, index)
     assert out.shape == (*shape, d)

@@ -53,8 +53,9 @@ class SlotStacks:
         self.layers: list[MultiAdapterLinear] = []
         self.where: dict[int, tuple[int, int]] = {}  # pool slot -> (bucket rank, position in the bucket)
         self.sizes: dict[int, int] = {}  # bucket rank -> positions allocated
-        self.kinds: tuple[str, ...] = ("identity",)
-        self.kind: dict[int, torch.Tensor] = {}  # bucket rank -> (positions,) index into kinds
+        # per bucket: the activations present and each position's index into them (one kind -> no masking)
+        self.kinds: dict[int, tuple[str, ...]] = {}
+        self.kind: dict[int, torch.Tensor] = {}
         self.activation: dict[tuple[int, int], str] = {}  # (bucket, position) -> activation name
         self.version = 0  # bumped on every layout change; layers rebuild their stack views when it moves
         self.current: StepMapping | None = None
@@ -80,10 +81,8 @@ class SlotStacks:
                 self._resize(bucket, pos + 1)
             self.where[slot] = (bucket, pos)
         bucket, pos = self.where[slot]
-        if activation not in self.kinds:
-            self.kinds = (*self.kinds, activation)
-        self.kind[bucket][pos] = self.kinds.index(activation)
         self.activation[(bucket, pos)] = activation
+        self._index_kinds(bucket)
         self.version += 1
 
     def release(self, slot: int) -> None:
@@ -94,19 +93,26 @@ class SlotStacks:
             layer.set_position(bucket, pos, None, None, 0.0)
         used = [p for b, p in self.where.values() if b == bucket]
         self._resize(bucket, max(used) + 1 if used else 0)
+        self._index_kinds(bucket)
         self.version += 1
+
+    def _index_kinds(self, bucket: int) -> None:
+        if bucket not in self.sizes:
+            self.kinds.pop(bucket, None)
+            return
+        acts = {pos: act for (b, pos), act in self.activation.items() if b == bucket}
+        kinds = tuple(dict.fromkeys(acts.values())) or ("identity",)
+        self.kinds[bucket] = kinds
+        kind = [kinds.index(acts[p]) if p in acts else 0 for p in range(self.sizes[bucket])]
+        self.kind[bucket] = torch.tensor(kind, dtype=torch.long, device=self.device)
 
     def _resize(self, bucket: int, n: int) -> None:
         if n == self.sizes.get(bucket, 0):
             return
         for layer in self.layers:
             layer.resize(bucket, n)
-        kind = torch.zeros(n, dtype=torch.long, device=self.device)
-        old = self.kind.get(bucket)
-        if old is not None:
-            kind[: min(n, old.shape[0])] = old[:n]
         if n:
-            self.sizes[bucket], self.kind[bucket] = n, kind
+            self.sizes[bucket] = n
         else:
             self.sizes.pop(bucket, None)
             self.kind.pop(bucket, None)
@@ -144,7 +150,7 @@ class MultiAdapterLinear(nn.Module):
         self.base = base
         self.stacks = stacks
         self.up: dict[int, torch.Tensor] = {}  # bucket -> (positions, bucket, in_features)
-        self.down: dict[int, torch.Tensor] = {}  # bucket -> (positions, out_features, bucket), scaling folded in
+        self.down: dict[int, torch.Tensor] = {}  # bucket -> (positions, bucket, out_features), scaling folded in
         self._views: tuple[int, dict[int, StackedAdapters]] = (-1, {})
         for bucket, n in stacks.sizes.items():
             self.resize(bucket, n)
@@ -152,8 +158,11 @@ class MultiAdapterLinear(nn.Module):
     def resize(self, bucket: int, n: int) -> None:
         """Give ``bucket`` ``n`` positions (new ones zero, the first ``min(n, old)`` kept; 0 frees it)."""
         w = self.base.weight
-        up = w.new_zeros(n, bucket, self.base.in_features)
-        down = w.new_zeros(n, self.base.out_features, bucket)
+        # half-precision bases keep float32 adapter stacks on CPU: CPU bmm in bf16/fp16 is several times slower
+        # than in float32 at these sizes, and the adapter path is small next to the base matmuls
+        dtype = torch.float32 if w.device.type == "cpu" and w.element_size() < 4 else w.dtype
+        up = torch.zeros(n, bucket, self.base.in_features, dtype=dtype, device=w.device)
+        down = torch.zeros(n, bucket, self.base.out_features, dtype=dtype, device=w.device)
         if bucket in self.up:
             keep = min(n, self.up[bucket].shape[0])
             up[:keep], down[:keep] = self.up[bucket][:keep], self.down[bucket][:keep]
@@ -181,7 +190,7 @@ class MultiAdapterLinear(nn.Module):
         version, views = self._views
         if version != self.stacks.version:
             kinds, kind = self.stacks.kinds, self.stacks.kind
-            views = {b: StackedAdapters(self.up[b], self.down[b], kind[b], kinds, ()) for b in self.up}
+            views = {b: StackedAdapters(self.up[b], self.down[b], kind[b], kinds[b], ()) for b in self.up}
             self._views = (self.stacks.version, views)
         return views
 
