@@ -95,7 +95,8 @@ def write_slot(
 ) -> None:
     """Write one adapter into ``slot`` of stacked ``up (S, r_max, k)`` / ``down (S, r_max, d)`` tensors.
 
-    ``W_up (r, k)`` and ``scaling * W_down^T (r, d)`` fill the first ``r`` rows of their slots, the padding is zeroed; ``None`` (the adapter does not target this layer) leaves an all-zero slot, an exact no-op.
+    ``W_up (r, k)`` and ``scaling * W_down^T (r, d)`` fill the first ``r`` rows of their slots, the padding is zeroed;
+    ``None`` (the adapter does not target this layer) leaves an all-zero slot, an exact no-op.
     """
     up[slot].zero_()
     down[slot].zero_()
