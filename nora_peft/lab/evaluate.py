@@ -1,20 +1,24 @@
-"""Run dir or model -> perplexity, generation accuracy, logistic-map collapse; ``nora eval``.
+"""Run dir or model -> perplexity, generation accuracy, logistic-map scores; ``nora eval``.
 
-* ``perplexity``: token-weighted, ``exp(sum NLL / sum tokens)`` over response tokens (or every token with
-  ``response_only=False``), exactly the tokens training puts a loss on.
-* ``generation_accuracy``: batched greedy generation (left padding), ``extract_answer`` on the output, exact match
-  against the record's ``answer``.
-* ``logistic_eval``: for the logistic-map task, the absolute error per step index, and *state collapse*: the model
-  repeats a value while the true orbit moves on.
+* ``perplexities``: token-weighted, ``exp(sum NLL / sum tokens)`` over response tokens (exactly the tokens training
+  puts a loss on) and over every token, from one forward pass per batch of similar-length records.
+* ``generate``: batched greedy decoding with the KV cache, left padding, batches of similar prompt length, and an early
+  stop per row at EOS or once its ``#### N`` line is complete; what a row generates does not depend on the batch.
+* ``score_answers``: exact match of ``extract_answer`` against the record's ``answer``, with a 95% Wilson interval.
+* ``score_logistic``: for the logistic-map task, the absolute error per step and *state collapse* (the model repeats
+  a value while the true orbit moves on).
 * ``evaluate_run(run_dir)``: all of the above on a split of the run's own data, written to ``eval_<split>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import re
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,10 @@ import torch.nn.functional as F
 from .io import read_json, write_json_atomic
 from .torch_utils import eval_mode
 
-#: how many {id, prediction, gold} examples a result keeps for eyeballing
+#: how many {id, question, prediction, gold} examples a result keeps for eyeballing
 N_EXAMPLES = 5
+#: the normal quantile of a two-sided 95% interval
+Z95 = 1.959963984540054
 
 
 class AdapterMismatchError(ValueError):
@@ -34,6 +40,32 @@ class AdapterMismatchError(ValueError):
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    """The id padded positions get (they are masked out, so any id works; eos when the tokenizer has no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def autocast(model: torch.nn.Module, precision: str | None):
+    """``torch.autocast`` for ``precision`` "bf16" / "fp16" on the model's device; no-op for ``None`` / "fp32" (the
+    weights' own dtype)."""
+    if precision in (None, "fp32"):
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(_device(model).type, dtype=dtype)
+
+
+@contextmanager
+def _inference(model: torch.nn.Module, precision: str | None) -> Iterator[None]:
+    with torch.no_grad(), eval_mode(model), autocast(model, precision):
+        yield
+
+
+def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, stable), so a batch pads little."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,6 +79,7 @@ def perplexity(
     max_length: int = 256,
     batch_size: int = 8,
     response_only: bool = True,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Token-weighted perplexity of ``records``: ``exp(sum NLL / sum tokens)``.
 
@@ -54,11 +87,10 @@ def perplexity(
     after the first. Returns ``{"ppl", "nll" (mean per token), "tokens", "examples", "stats"}``; examples whose
     prompt does not fit ``max_length`` are left out (counted in ``stats["dropped"]``).
     """
-    both = perplexities(model, tokenizer, records, max_length=max_length, batch_size=batch_size)
+    both = perplexities(model, tokenizer, records, max_length=max_length, batch_size=batch_size, precision=precision)
     return both["response" if response_only else "full"]
 
 
-@torch.no_grad()
 def perplexities(
     model: torch.nn.Module,
     tokenizer,
@@ -66,48 +98,46 @@ def perplexities(
     *,
     max_length: int = 256,
     batch_size: int = 8,
+    precision: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{"response": ..., "full": ...}``, each as :func:`perplexity` returns it, from one forward pass per batch
-    (the two differ only in which tokens are scored: the rows are the same)."""
+    (the two differ only in which tokens are scored: the rows are the same). Records are batched by length (the
+    sums do not depend on the order); ``stats["padding_fraction"]`` is the share of padded slots."""
     from .data import build_lm_dataset
     from .train import collate
 
     dataset, stats = build_lm_dataset(records, tokenizer, max_length=max_length, response_only=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _device(model)
-    total_nll = {"response": torch.zeros((), dtype=torch.float64), "full": torch.zeros((), dtype=torch.float64)}
-    total_tokens = {"response": 0, "full": 0}
-    with eval_mode(model):
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            keys = ("input_ids", "attention_mask", "labels")
-            batch = collate([dict(zip(keys, values)) for values in zip(*(rows[k] for k in keys))], pad)
-            batch = {k: v.to(device) for k, v in batch.items()}
+    input_ids, labels = dataset["input_ids"], dataset["labels"]
+    device, pad = _device(model), _pad_id(tokenizer)
+    nll = {"response": 0.0, "full": 0.0}
+    tokens = {"response": 0, "full": 0}
+    slots = 0
+    with _inference(model, precision):
+        for idx in _length_batches([len(x) for x in input_ids], batch_size):
+            feats = [{"input_ids": input_ids[i], "attention_mask": [1] * len(input_ids[i]), "labels": labels[i]}
+                     for i in idx]  # fmt: skip
+            batch = {k: v.to(device) for k, v in collate(feats, pad).items()}
+            slots += batch["input_ids"].numel()
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # per-token NLL of every next-token prediction, then summed under each label mask
-            targets = batch["input_ids"][:, 1:]
-            token_nll = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-            ).view_as(targets)
-            masks = {"response": batch["labels"][:, 1:] != -100, "full": batch["attention_mask"][:, 1:].bool()}
-            for kind, mask in masks.items():
-                total_nll[kind] += token_nll[mask].double().sum().cpu()
-                total_tokens[kind] += int(mask.sum())
-    if total_tokens["response"] == 0:
+            # next-token NLL at every real (non-pad) position, then summed under each label mask
+            full = batch["attention_mask"][:, 1:].bool()
+            token_nll = F.cross_entropy(logits[:, :-1][full].float(), batch["input_ids"][:, 1:][full], reduction="none")
+            response = (batch["labels"][:, 1:] != -100)[full]
+            for kind, mask in (("full", None), ("response", response)):
+                picked = token_nll if mask is None else token_nll[mask]
+                nll[kind] += float(picked.double().sum())
+                tokens[kind] += picked.numel()
+    if tokens["response"] == 0:
         raise ValueError(
             f"No tokens to score: {len(records)} records, tokenisation stats {stats}. Check that the records have "
             "responses and that max_length is longer than the prompts."
         )
+    stats = {**stats, "padding_fraction": round(1 - sum(map(len, input_ids)) / slots, 4) if slots else None}
     out = {}
     for kind in ("response", "full"):
-        mean = float(total_nll[kind]) / total_tokens[kind]
-        out[kind] = {
-            "ppl": math.exp(mean),
-            "nll": mean,
-            "tokens": total_tokens[kind],
-            "examples": len(dataset),
-            "stats": stats,
-        }
+        mean = nll[kind] / tokens[kind]
+        out[kind] = {"ppl": math.exp(mean), "nll": mean, "tokens": tokens[kind], "examples": len(input_ids),
+                     "stats": stats}  # fmt: skip
     return out
 
 
@@ -124,7 +154,32 @@ def prompt_ids(tokenizer, records: list[dict[str, Any]]) -> list[list[int]]:
     return [ids[: labels.count(-100)] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
-@torch.no_grad()
+def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """The ids that end a reply: the generation config's (one or several), else the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+
+class AnswerStop:
+    """A per-row stopping criterion for ``model.generate``: a row is done once its new text holds a complete
+    ``#### N`` line (``data.answer_is_complete``). Only the last ``tail`` new tokens are decoded at each step (the
+    line is found the step its number ends); ``stopped_at[i]`` is how many new tokens row ``i`` had then."""
+
+    def __init__(self, tokenizer, prompt_width: int, batch: int, tail: int = 32) -> None:
+        self.tokenizer, self.width, self.tail = tokenizer, prompt_width, tail
+        self.stopped_at: list[int | None] = [None] * batch
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        from .data import answer_is_complete
+
+        new = input_ids[:, self.width :]
+        for i, at in enumerate(self.stopped_at):
+            if at is None and answer_is_complete(self.tokenizer.decode(new[i, -self.tail :], skip_special_tokens=True)):
+                self.stopped_at[i] = new.shape[1]
+        return torch.tensor([at is not None for at in self.stopped_at], device=input_ids.device)
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -132,28 +187,58 @@ def generate(
     *,
     max_new_tokens: int = 256,
     batch_size: int = 8,
+    stop_at_answer: bool = True,
+    precision: str | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Greedy completions of each record's formatted prompt (batched, left-padded); the new text only."""
-    device = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """Greedy completions of each record's formatted prompt: the new text only, in the order of ``records``.
+
+    Batches of similar prompt length, left-padded, decoded with the KV cache; each row stops at EOS, at
+    ``max_new_tokens``, or (``stop_at_answer``) once its ``#### N`` line is complete. Rows do not see each other, so a
+    row's text is what it would be alone (up to float noise in near-ties). ``stats``, when given, receives
+    ``new_tokens`` (generated, summed), ``stopped_at_answer``, ``stopped_at_eos``, ``hit_max_new_tokens``.
+    """
+    from transformers import StoppingCriteriaList
+
+    device, pad, eos = _device(model), _pad_id(tokenizer), _eos_ids(model, tokenizer)
     prompts = prompt_ids(tokenizer, records)
-    outputs: list[str] = []
-    with eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+    outputs: list[str] = [""] * len(prompts)
+    counts = {"new_tokens": 0, "stopped_at_answer": 0, "stopped_at_eos": 0, "hit_max_new_tokens": 0}
+    with _inference(model, precision):
+        for idx in _length_batches([len(p) for p in prompts], batch_size):
+            chunk = [prompts[i] for i in idx]
             width = max(len(p) for p in chunk)
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            stop = AnswerStop(tokenizer, width, len(chunk))
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos,
+                stopping_criteria=StoppingCriteriaList([stop] if stop_at_answer else []),
             )
-            outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for row, i in enumerate(idx):
+                new = out[row, width:].tolist()
+                end, why = _row_end(new, eos, stop.stopped_at[row], max_new_tokens)
+                counts[why] += 1
+                counts["new_tokens"] += end
+                outputs[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
+    if stats is not None:
+        stats.update(counts)
     return outputs
+
+
+def _row_end(new: list[int], eos: list[int], stopped_at: int | None, max_new_tokens: int) -> tuple[int, str]:
+    """Where a row's own tokens end (the rest is padding after it stopped) and why it stopped."""
+    first_eos = next((j for j, t in enumerate(new) if t in eos), None)
+    if first_eos is not None and (stopped_at is None or first_eos < stopped_at):
+        return first_eos, "stopped_at_eos"
+    if stopped_at is not None:
+        return stopped_at, "stopped_at_answer"
+    return min(len(new), max_new_tokens), "hit_max_new_tokens"
 
 
 def default_max_new_tokens(tokenizer, records: list[dict[str, Any]], cap: int = 512) -> int:
@@ -162,23 +247,46 @@ def default_max_new_tokens(tokenizer, records: list[dict[str, Any]], cap: int = 
     return int(min(cap, longest + 16))
 
 
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion ``correct / n`` (95% by default): the ``p`` with
+    ``|correct/n - p| <= z * sqrt(p (1 - p) / n)``. Unlike ``p +- z*se`` it stays within [0, 1] and is not empty at
+    0 or n correct. ``None`` for ``n == 0``."""
+    if n <= 0:
+        return None
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # at 0 and n correct the bound is exactly 0 / 1 (the formula gives it up to rounding)
+    return (0.0 if correct == 0 else centre - half), (1.0 if correct == n else centre + half)
+
+
 def score_answers(records: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
     """Exact-match accuracy of ``extract_answer(prediction)`` against each record's ``answer`` (records without an
-    answer are skipped)."""
+    answer are skipped): ``{"accuracy", "ci95" (Wilson), "n", "correct", "answered" (an answer could be read),
+    "accuracy_last_number" (reading the last number when no answer line), "examples"}``."""
     from .data import answers_match, extract_answer
 
-    n = correct = 0
+    n = correct = answered = lenient = 0
     examples = []
     for rec, text in zip(records, predictions):
         if rec.get("answer") is None:
             continue
         pred = extract_answer(text)
-        ok = bool(answers_match(pred, rec["answer"]))
-        n += 1
-        correct += ok
+        ok = answers_match(pred, rec["answer"])
+        n, correct, answered = n + 1, correct + ok, answered + (pred is not None)
+        lenient += ok or answers_match(extract_answer(text, last_number_fallback=True), rec["answer"])
         if len(examples) < N_EXAMPLES:
-            examples.append({"id": rec["id"], "prediction": pred, "gold": rec["answer"], "output": text[:300]})
-    return {"accuracy": correct / n if n else None, "n": n, "correct": correct, "examples": examples}
+            examples.append({"id": rec["id"], "question": rec.get("prompt", "")[:300], "prediction": pred,
+                             "gold": rec["answer"], "output": text[-300:]})  # fmt: skip
+    return {
+        "accuracy": correct / n if n else None,
+        "ci95": wilson_interval(correct, n),
+        "n": n,
+        "correct": correct,
+        "answered": answered,
+        "accuracy_last_number": lenient / n if n else None,
+        "examples": examples,
+    }
 
 
 def generation_accuracy(
@@ -188,13 +296,15 @@ def generation_accuracy(
     *,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy-decode every record with an answer and score exact match:
-    ``{"accuracy", "n", "correct", "examples": [first few {id, prediction, gold, output}]}``."""
+    """Greedy-decode every record with an answer and score exact match (:func:`score_answers`)."""
     records = [r for r in records if r.get("answer") is not None]
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(tokenizer, records)
-    predictions = generate(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = generate(
+        model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, precision=precision
+    )
     return score_answers(records, predictions)
 
 
@@ -253,22 +363,6 @@ def score_logistic(records: list[dict[str, Any]], predictions: list[str], *, tol
     }
 
 
-def logistic_eval(
-    model: torch.nn.Module,
-    tokenizer,
-    records: list[dict[str, Any]],
-    *,
-    max_new_tokens: int | None = None,
-    batch_size: int = 8,
-    tol: float = 1e-9,
-) -> dict[str, Any]:
-    """Greedy-decode logistic-map records and score them with ``score_logistic``."""
-    if max_new_tokens is None:
-        max_new_tokens = default_max_new_tokens(tokenizer, records)
-    predictions = generate(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return score_logistic(records, predictions, tol=tol)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Models, adapters, run dirs
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,10 +397,7 @@ def load_run(run_dir: str | Path):
     cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
     splits = load_splits(cfg)
     _check_split_ids(run_dir, splits)
-    dtype = base_dtype(resolve_precision(cfg.precision))
-    base, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    base, tokenizer = load_model_and_tokenizer(cfg.model, dtype=base_dtype(resolve_precision(cfg.precision)))
     if torch.cuda.is_available():
         base = base.to("cuda")
     model = load_adapter(base, run_dir / "adapter", base_name=cfg.model)
@@ -340,19 +431,21 @@ def evaluate_records(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     max_generate: int | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity (response-only and full), and with ``generate_outputs`` accuracy and logistic-map metrics.
 
     Perplexity uses every record (one forward pass each); generation, the expensive part, only the first
-    ``max_generate`` records when that is set.
+    ``max_generate`` records when that is set. ``precision`` "bf16" / "fp16" runs both under autocast.
 
     Top-level scalars for tables: ``ppl`` / ``nll`` / ``tokens`` (response tokens), ``ppl_full`` / ``nll_full``
-    (every token), ``accuracy`` (records with an answer); details under ``perplexity``, ``generation``, ``logistic``.
+    (every token), ``accuracy`` and ``accuracy_ci95`` (records with an answer); details under ``perplexity``,
+    ``generation``, ``logistic``; wall times under ``seconds``.
     """
     if not records:
         raise ValueError("No records to evaluate (the split is empty); choose another --split or data source.")
-    kw = dict(max_length=max_length, batch_size=batch_size)
-    both = perplexities(model, tokenizer, records, **kw)
+    start = time.perf_counter()
+    both = perplexities(model, tokenizer, records, max_length=max_length, batch_size=batch_size, precision=precision)
     response, full = both["response"], both["full"]
     result: dict[str, Any] = {
         "n": len(records),
@@ -362,23 +455,36 @@ def evaluate_records(
         "ppl_full": full["ppl"],
         "nll_full": full["nll"],
         "perplexity": {"response": response, "full": full},
+        "precision": precision or "fp32",
+        "seconds": {"perplexity": round(time.perf_counter() - start, 2)},
     }
     if generate_outputs:
         gen_records = records[:max_generate] if max_generate else records
         result["n_generated"] = len(gen_records)
         scored = [r for r in gen_records if r.get("answer") is not None or is_logistic(r)]
         if scored:
+            start = time.perf_counter()
             mnt = max_new_tokens or default_max_new_tokens(tokenizer, scored)
-            predictions = generate(model, tokenizer, scored, max_new_tokens=mnt, batch_size=batch_size)
+            gen_stats: dict[str, Any] = {}
+            predictions = generate(model, tokenizer, scored, max_new_tokens=mnt, batch_size=batch_size,
+                                   precision=precision, stats=gen_stats)  # fmt: skip
+            result["seconds"]["generation"] = round(time.perf_counter() - start, 2)
             result["max_new_tokens"] = mnt
-            answered = [(r, p) for r, p in zip(scored, predictions) if r.get("answer") is not None]
-            if answered:
-                result["generation"] = score_answers([r for r, _ in answered], [p for _, p in answered])
-                result["accuracy"] = result["generation"]["accuracy"]
-            logistic = [(r, p) for r, p in zip(scored, predictions) if is_logistic(r)]
-            if logistic:
-                result["logistic"] = score_logistic([r for r, _ in logistic], [p for _, p in logistic])
+            result["generation_stats"] = gen_stats
+            _score_generations(result, scored, predictions)
     return result
+
+
+def _score_generations(result: dict[str, Any], records: list[dict[str, Any]], predictions: list[str]) -> None:
+    """Answer accuracy (records with an answer) and logistic-map metrics (logistic records), into ``result``."""
+    answered = [(r, p) for r, p in zip(records, predictions) if r.get("answer") is not None]
+    if answered:
+        result["generation"] = score_answers([r for r, _ in answered], [p for _, p in answered])
+        result["accuracy"] = result["generation"]["accuracy"]
+        result["accuracy_ci95"] = result["generation"]["ci95"]
+    logistic = [(r, p) for r, p in zip(records, predictions) if is_logistic(r)]
+    if logistic:
+        result["logistic"] = score_logistic([r for r, _ in logistic], [p for _, p in logistic])
 
 
 def evaluate_run(
@@ -390,11 +496,15 @@ def evaluate_run(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     max_generate: int | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run on a split of its own data; writes ``run_dir/eval_<split>.json`` atomically.
 
     ``max_examples`` caps every metric's records; ``max_generate`` only the generated ones (perplexity stays on all).
+    ``precision`` defaults to the run's own (``auto`` resolved on this machine).
     """
+    from .train import resolve_precision
+
     run_dir = Path(run_dir)
     model, tokenizer, cfg, splits = load_run(run_dir)
     if split not in splits:
@@ -409,6 +519,7 @@ def evaluate_run(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_generate=max_generate,
+        precision=resolve_precision(precision or cfg.precision),
     )
     result.update(
         run_dir=str(run_dir),
@@ -430,25 +541,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--run", help="a run dir from `nora train` (its base, adapter and data splits)")
-    src.add_argument("--model", help="a base model dir / hub id (default: the embedded base) ...")
+    src.add_argument("--model", help="a base model: a name (smollm2-135m), a dir or a hub id (default: embedded) ...")
     parser.add_argument("--adapter", help="... with this peft adapter dir (NoRA or LoRA); omit for the base alone")
     parser.add_argument("--data", help="data source (default: the run's data, else reasoning)")
     parser.add_argument("--data-options", type=_mapping, default=None, help="load_source options: KEY=VALUE,...")
     parser.add_argument("--field-map", type=_mapping, default=None, help="record field -> column for local files")
     parser.add_argument("--split", default="test", help="train / validation / test (default test)")
     parser.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records")
+    parser.add_argument(
+        "--max-generate", type=int, default=None, help="generate on the first N only (perplexity on all)"
+    )
     parser.add_argument("--no-generate", action="store_true", help="perplexity only (skip generation)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: run's or 256)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                        help="autocast precision (default: the run's; auto for --model)")  # fmt: skip
     parser.add_argument("--data-seed", type=int, default=0, help="split seed for --model (a run uses its own)")
-    parser.add_argument("--out", help="where to write the JSON (default: next to the run / adapter)")
+    parser.add_argument("--out", help="where to write the JSON (default: next to the run / adapter, else runs/eval/)")
 
 
-def _evaluate_model_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
-    """``--model [--adapter]``: load, build the requested split, evaluate."""
+def _evaluate_model_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """``--model [--adapter]``: load, build the requested split, evaluate; the default JSON path."""
     from .base import load_model_and_tokenizer
     from .data import load_source, make_splits
+    from .train import base_dtype, resolve_precision
 
     data = args.data or "reasoning"
     native = load_source(data, field_map=args.field_map, seed=args.data_seed, **(args.data_options or {}))
@@ -456,9 +573,8 @@ def _evaluate_model_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path
     if args.split not in splits:
         raise ValueError(f"Unknown split {args.split!r}; {data!r} has {sorted(splits)}.")
     records = splits[args.split][: args.max_examples] if args.max_examples else splits[args.split]
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    precision = resolve_precision(args.precision or "auto")
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=base_dtype(precision))
     if torch.cuda.is_available():
         model = model.to("cuda")
     if args.adapter:
@@ -471,51 +587,100 @@ def _evaluate_model_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path
         max_length=args.max_length or 256,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        max_generate=args.max_generate,
+        precision=precision,
     )
     result.update(model=args.model, adapter=args.adapter, data=data, split=args.split, max_examples=args.max_examples)
-    where = Path(args.adapter) / f"eval_{_slug(data)}_{args.split}.json" if args.adapter else None
+    name = f"eval_{_slug(data)}_{args.split}.json"
+    where = (
+        Path(args.adapter) / name
+        if args.adapter
+        else Path("runs") / "eval" / f"{_slug(args.model or 'default')}_{name}"
+    )
     return result, where
 
 
 def _slug(text: str) -> str:
-    return Path(text).stem if "/" in text or "." in text else text
+    """A file-name-safe short form of a model or data name (``/path/to/data.jsonl`` -> ``data``)."""
+    stem = Path(text).stem if "/" in text or text.endswith((".jsonl", ".json", ".csv", ".parquet")) else text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) or "data"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_summary(result: dict[str, Any], where: Path | None = None) -> str:
+    """A short text summary of an eval result for a person: what was evaluated, perplexity, accuracy with its 95%
+    Wilson interval, time, and a few examples (question, prediction, gold)."""
+    what = result.get("label") or (f"{result.get('model') or 'default'} + {result['adapter']}" if result.get("adapter")
+                                   else f"{result.get('model') or 'default base'} (no adapter)")  # fmt: skip
+    lines = [f"nora eval: {what} on {result.get('data')} {result.get('split')} ({result['n']} records)"]
+    lines.append(
+        f"  perplexity  response {result['ppl']:.3f} ({result['tokens']:,} tokens), full {result['ppl_full']:.3f}"
+    )
+    gen = result.get("generation")
+    if gen:
+        ci = gen.get("ci95") or (None, None)
+        lines.append(f"  accuracy    {_pct(gen['accuracy'])} ({gen['correct']}/{gen['n']}), 95% CI [{_pct(ci[0])}, "
+                     f"{_pct(ci[1])}]; an answer could be read from {gen['answered']}/{gen['n']}")  # fmt: skip
+    if "logistic" in result:
+        lg = result["logistic"]
+        lines.append(f"  logistic    mean |error| {lg['mean_abs_error']}, collapse rate {_pct(lg['collapse_rate'])}")
+    secs, st = result.get("seconds", {}), result.get("generation_stats")
+    timing = f"  time        perplexity {secs.get('perplexity', 0):.0f} s"
+    if st:
+        timing += (
+            f", generation {secs.get('generation', 0):.0f} s ({st['new_tokens']:,} new tokens; stopped at "
+            f"'####' {st['stopped_at_answer']}, EOS {st['stopped_at_eos']}, the cap {st['hit_max_new_tokens']})"
+        )
+    lines.append(timing + f" [{result.get('precision', 'fp32')}]")
+    for ex in (gen or {}).get("examples", [])[:3]:
+        question = " ".join(ex["question"].split())
+        mark = "right" if ex["prediction"] is not None and ex["prediction"] == ex["gold"] else "wrong"
+        lines.append(f"  - {question[:110]}{'...' if len(question) > 110 else ''}")
+        lines.append(f"      predicted {ex['prediction']}, gold {ex['gold']} ({mark})")
+    if where is not None:
+        lines.append(f"  JSON: {where}")
+    return "\n".join(lines)
+
+
+def _evaluate_cli(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """Dispatch ``--run`` (its own data, or with ``--data`` ... other data) and ``--model``."""
+    if not args.run:
+        return _evaluate_model_args(args)
+    run_dir = Path(args.run)
+    if args.data or args.data_options or args.field_map or args.max_length:  # the run's adapter, other data
+        from .train import TrainConfig
+
+        if not (run_dir / "config.json").exists():
+            raise FileNotFoundError(f"{run_dir} is not a run dir (no config.json).")
+        cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
+        args.model, args.adapter = cfg.model, str(run_dir / "adapter")
+        args.max_length = args.max_length or cfg.max_length
+        args.precision = args.precision or cfg.precision
+        return _evaluate_model_args(args)
+    result = evaluate_run(
+        run_dir,
+        split=args.split,
+        generate=not args.no_generate,
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_generate=args.max_generate,
+        precision=args.precision,
+    )
+    return result, run_dir / f"eval_{args.split}.json"
 
 
 def main(args: argparse.Namespace) -> int:
+    """``nora eval``: evaluate, write the JSON (next to the run / adapter, or ``--out``), print a short summary."""
     try:
-        if args.run:
-            run_dir = Path(args.run)
-            if args.data or args.data_options or args.field_map or args.max_length:  # the run's adapter, other data
-                from .train import TrainConfig
-
-                if not (run_dir / "config.json").exists():
-                    raise FileNotFoundError(f"{run_dir} is not a run dir (no config.json).")
-                cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
-                args.model, args.adapter = cfg.model, str(run_dir / "adapter")
-                args.max_length = args.max_length or cfg.max_length
-                result, where = _evaluate_model_args(args)
-            else:
-                result = evaluate_run(
-                    run_dir,
-                    split=args.split,
-                    generate=not args.no_generate,
-                    max_examples=args.max_examples,
-                    batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens,
-                )
-                where = run_dir / f"eval_{args.split}.json"
-        else:
-            if args.adapter is None and args.out is None:
-                print("nora eval: base model alone; pass --out FILE to save the JSON.", file=sys.stderr)
-            result, where = _evaluate_model_args(args)
+        result, where = _evaluate_cli(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"nora eval: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        where = Path(args.out)
-    if where is not None:
-        write_json_atomic(where, result)
-    print(json.dumps(result, indent=2, default=str))
-    if where is not None:
-        print(f"wrote {where}", file=sys.stderr)
+    where = Path(args.out) if args.out else where
+    write_json_atomic(where, result)
+    print(format_summary(result, where))
     return 0

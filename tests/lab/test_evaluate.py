@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,24 +114,71 @@ def test_batched_left_padded_generation_equals_one_at_a_time(loaded):
     assert tokenizer.padding_side == "right"  # left untouched for training
 
 
-def test_score_answers_exact_match():
+def test_early_stop_per_row_equals_one_at_a_time_and_the_cut_full_output(loaded, monkeypatch):
+    """Rows stop at different steps; each row's text is what it generates alone, and what the full (no early stop)
+    generation gives, cut at the first prefix where the stop rule holds."""
+    model, tokenizer, _, splits = loaded
+    records = splits["test"][:6]
+    full = [ev.generate(model, tokenizer, [r], max_new_tokens=24, batch_size=1, stop_at_answer=False)[0]
+            for r in records]  # fmt: skip
+    # a stand-in for "the #### line is complete" that this random model does hit, at different steps per row
+    marks = sorted({c for text in full for c in text[2:12] if c.strip()})[:3]
+    assert marks
+    monkeypatch.setattr("nora_peft.lab.data.answer_is_complete", lambda text: any(c in text for c in marks))
+
+    def cut(text: str) -> str:  # the shortest token prefix of the full output where the rule holds
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for j in range(1, len(ids) + 1):
+            prefix = tokenizer.decode(ids[:j], skip_special_tokens=True)
+            if any(c in prefix for c in marks):
+                return prefix
+        return text
+
+    stats: dict = {}
+    batched = ev.generate(model, tokenizer, records, max_new_tokens=24, batch_size=4, stats=stats)
+    single = [ev.generate(model, tokenizer, [r], max_new_tokens=24, batch_size=1)[0] for r in records]
+    assert batched == single == [cut(t) for t in full]
+    assert len({len(t) for t in batched}) > 1 and stats["stopped_at_answer"] >= 2  # rows really stopped apart
+    assert sum(stats[k] for k in ("stopped_at_answer", "stopped_at_eos", "hit_max_new_tokens")) == len(records)
+
+
+def test_score_answers_exact_match_and_wilson_interval():
     records = [
-        {"id": "a", "answer": "42"},
-        {"id": "b", "answer": "7"},
-        {"id": "c", "answer": "1.5"},
-        {"id": "d", "answer": None},
+        {"id": "a", "prompt": "6 times 7?", "answer": "42"},
+        {"id": "b", "prompt": "3 + 4?", "answer": "7"},
+        {"id": "c", "prompt": "3 / 2?", "answer": "1.5"},
+        {"id": "d", "prompt": "?", "answer": None},
+        {"id": "e", "prompt": "1000 + 234.5?", "answer": "1234.5"},
     ]
-    outputs = ["6 * 7 = 42\nThe answer is 42.", "The answer is 8.", "so 1.50\nThe answer is 1.50.", "anything"]
+    outputs = ["6 * 7 = 42\n#### 42", "so 7, or maybe 8\n#### 8", "so 1.50\nThe answer is 1.50.", "anything",
+               "1000 + 234.5 = $1,234.50"]  # fmt: skip
     got = ev.score_answers(records, outputs)
-    assert (got["n"], got["correct"], got["accuracy"]) == (3, 2, pytest.approx(2 / 3))
-    assert got["examples"][1] == {"id": "b", "prediction": "8", "gold": "7", "output": "The answer is 8."}
+    assert (got["n"], got["correct"], got["answered"]) == (4, 2, 3) and got["accuracy"] == pytest.approx(0.5)
+    assert got["accuracy_last_number"] == pytest.approx(0.75)  # "e" has its number but no answer line
+    assert got["examples"][1] == {"id": "b", "question": "3 + 4?", "prediction": "8", "gold": "7",
+                                  "output": outputs[1]}  # fmt: skip
+    lo, hi = got["ci95"]
+    assert lo == pytest.approx(ev.wilson_interval(2, 4)[0]) and lo < 0.5 < hi
+
+
+@pytest.mark.parametrize(("correct", "n"), [(0, 10), (1, 10), (5, 10), (10, 10), (3, 200)])
+def test_wilson_interval_bounds_solve_the_score_equation(correct, n):
+    """An independent check: each bound p (inside (0, 1)) solves (p_hat - p)^2 = z^2 p (1 - p) / n, and the interval
+    holds p_hat; known value: 0 of 10 -> [0, 0.2775]."""
+    lo, hi = ev.wilson_interval(correct, n)
+    p_hat, z = correct / n, 1.959963984540054
+    for p in (lo, hi):
+        if 0 < p < 1:
+            assert (p_hat - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, rel=1e-9)
+    assert lo <= p_hat <= hi and 0 <= lo < hi <= 1
+    assert ev.wilson_interval(0, 10) == (0.0, pytest.approx(0.27753, abs=1e-5)) and ev.wilson_interval(0, 0) is None
 
 
 def test_generation_accuracy_scores_what_the_model_says(loaded, monkeypatch):
     model, tokenizer, _, splits = loaded
     records = [r for r in splits["test"] if r["answer"] is not None][:6]
     # a model that answers the first half right (its reference response) and the rest wrong
-    fake = [r["response"] if i < 3 else "The answer is -1." for i, r in enumerate(records)]
+    fake = [r["response"] if i < 3 else "#### -1" for i, r in enumerate(records)]
     monkeypatch.setattr(ev, "generate", lambda *a, **k: fake)
     got = ev.generation_accuracy(model, tokenizer, records)
     assert (got["n"], got["correct"], got["accuracy"]) == (6, 3, 0.5)
@@ -224,27 +272,50 @@ def test_changed_data_is_detected(runs, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
-def test_cli_eval_run_model_adapter_and_base(runs, tiny, tmp_path, capsys):
+def test_cli_eval_writes_json_and_prints_a_summary(runs, tiny, tmp_path, capsys, monkeypatch):
     from nora_peft.cli import main
 
     assert main(["eval", "--run", str(runs["lora"]), "--max-examples", "3", "--no-generate"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["n"] == 3 and (runs["lora"] / "eval_test.json").exists()
+    printed = capsys.readouterr().out
+    saved = read_json(runs["lora"] / "eval_test.json")
+    assert saved["n"] == 3 and f"response {saved['ppl']:.3f}" in printed and "lora-r4" in printed
+    assert str(runs["lora"] / "eval_test.json") in printed and not printed.lstrip().startswith("{")
 
     adapter = runs["nora"] / "adapter"
     argv = ["eval", "--model", tiny, "--adapter", str(adapter), "--data", "arith", "--max-examples", "3"]
     assert main([*argv, "--max-new-tokens", "4"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["accuracy"] is not None and (adapter / "eval_arith_test.json").exists()
+    printed = capsys.readouterr().out
+    adapted = read_json(adapter / "eval_arith_test.json")
+    assert adapted["accuracy"] is not None and len(adapted["accuracy_ci95"]) == 2
+    assert "95% CI" in printed and "gold" in printed and "predicted" in printed
 
     out = tmp_path / "base.json"
-    assert (
-        main(["eval", "--model", tiny, "--data", "arith", "--max-examples", "3", "--no-generate", "--out", str(out)])
-        == 0
-    )
-    base = json.loads(capsys.readouterr().out)
-    assert read_json(out)["ppl"] == base["ppl"] and base["adapter"] is None
-    assert base["ppl"] != printed["ppl"]  # the adapter changed the model
+    base_argv = ["eval", "--model", tiny, "--data", "arith", "--max-examples", "3", "--no-generate"]
+    assert main([*base_argv, "--out", str(out)]) == 0
+    base = read_json(out)
+    assert base["adapter"] is None and str(out) in capsys.readouterr().out
+    assert base["ppl"] != adapted["ppl"]  # the adapter changed the model
+    monkeypatch.chdir(tmp_path)  # no --out: runs/eval/<model>_eval_<data>_<split>.json under the working dir
+    assert main(base_argv) == 0
+    default = tmp_path / "runs" / "eval" / f"{ev._slug(tiny)}_eval_arith_test.json"
+    assert read_json(default)["ppl"] == base["ppl"] and str(default.relative_to(tmp_path)) in capsys.readouterr().out
+
+
+def test_format_summary_names_perplexity_accuracy_ci_and_examples():
+    result = {
+        "n": 200, "ppl": 3.21, "tokens": 31000, "ppl_full": 5.5, "model": "smollm2-135m", "adapter": None,
+        "data": "gsm8k", "split": "test", "precision": "bf16", "seconds": {"perplexity": 12.3, "generation": 400},
+        "generation_stats": {"new_tokens": 30000, "stopped_at_answer": 150, "stopped_at_eos": 40,
+                             "hit_max_new_tokens": 10},
+        "generation": {"accuracy": 0.025, "ci95": (0.0107, 0.0573), "n": 200, "correct": 5, "answered": 180,
+                       "examples": [{"id": "q", "question": "How many\n eggs?", "prediction": "18", "gold": "18"}]},
+    }  # fmt: skip
+    text = ev.format_summary(result, Path("out.json"))
+    for part in ("smollm2-135m (no adapter) on gsm8k test (200 records)", "response 3.210 (31,000 tokens)",
+                 "2.5% (5/200), 95% CI [1.1%, 5.7%]", "180/200", "How many eggs?", "predicted 18, gold 18 (right)",
+                 "'####' 150, EOS 40, the cap 10", "JSON: out.json"):  # fmt: skip
+        assert part in text, part
+    assert len(text.splitlines()) <= 10
 
 
 @pytest.mark.parametrize("method", ["nora", "lora"])

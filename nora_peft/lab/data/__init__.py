@@ -5,6 +5,7 @@ Every source yields records ``{"id": str, "prompt": str, "response": str, "answe
 
 from .formatting import (
     PLAIN_TEMPLATE,
+    answer_is_complete,
     answers_match,
     build_lm_dataset,
     describe_splits,
@@ -14,7 +15,7 @@ from .formatting import (
     make_splits,
     normalize_answer,
 )
-from .loaders import load_source, normalize_number
+from .loaders import GSM8K_INSTRUCTION, load_source, normalize_number
 from .synthetic import (
     arithmetic_problems,
     logistic_map_problems,
@@ -25,7 +26,9 @@ from .synthetic import (
 )
 
 __all__ = [
+    "GSM8K_INSTRUCTION",
     "PLAIN_TEMPLATE",
+    "answer_is_complete",
     "answers_match",
     "arithmetic_problems",
     "build_lm_dataset",

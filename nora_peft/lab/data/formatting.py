@@ -10,9 +10,8 @@ import random
 import re
 from typing import Any
 
+from ...prompt import PLAIN_TEMPLATE, adds_bos, format_prompt, has_chat_template
 from .loaders import normalize_number
-
-from ...prompt import PLAIN_TEMPLATE, adds_bos, format_prompt, has_chat_template, with_bos
 
 __all__ = [
     "PLAIN_TEMPLATE",

@@ -6,15 +6,20 @@ import json
 
 import pytest
 
-from nora_peft.lab.data import describe_splits, load_source, make_splits
+from nora_peft.lab.data import describe_splits, extract_answer, load_source, make_splits
+from nora_peft.lab.data.loaders import GSM8K_INSTRUCTION
 
 
 def test_gsm8k_real_files(gsm8k_dir):
     splits = load_source("gsm8k", path=str(gsm8k_dir))
     assert len(splits["train"]) == 7473 and len(splits["test"]) == 1319
     first = splits["train"][0]
-    assert first["answer"] == "72" and first["response"].endswith("The answer is 72.")
-    assert "<<" not in first["response"] and "####" not in first["response"]
+    # GSM8K's own final line stays (the scorer reads it); the calculator annotations go
+    assert first["answer"] == "72" and first["response"].endswith("\n#### 72") and "<<" not in first["response"]
+    assert first["prompt"].startswith("Natalia sold clips") and first["prompt"].endswith(GSM8K_INSTRUCTION)
+    assert all(extract_answer(r["response"]) == r["answer"] for r in splits["test"])
+    bare = load_source("gsm8k", path=str(gsm8k_dir), instruction="")["train"][0]
+    assert bare["prompt"] + GSM8K_INSTRUCTION == first["prompt"]
     final = make_splits(splits, seed=0, val_size=100)
     assert len(final["test"]) == 1319 and len(final["validation"]) == 100 and len(final["train"]) == 7373
 
