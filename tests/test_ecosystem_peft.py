@@ -215,3 +215,21 @@ def test_module_granularity_on_blocks_trains_only_the_adapter():
     opt.step()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".nora_up." in k or ".nora_down." in k for k in changed)
+
+
+# --- deliberate differences from LoRA (docs/ecosystem.md's table) --------------------------------------------------
+def test_pickle_adapter_is_refused_where_lora_loads_it(tmp_path):
+    """peft's LoRA loads ``adapter_model.bin`` (torch.load); NoRA loads weights through safetensors only."""
+    from safetensors.torch import load_file
+
+    for name, cfg in [
+        ("lora", LoraConfig(r=2, target_modules=["lin0"])),
+        ("nora", NoraConfig(r=2, target_modules=["lin0"])),
+    ]:
+        get_peft_model(MLP(), cfg).save_pretrained(tmp_path / name)
+        weights = tmp_path / name / "adapter_model.safetensors"
+        torch.save(load_file(weights), tmp_path / name / "adapter_model.bin")
+        weights.unlink()
+    PeftModel.from_pretrained(MLP(), tmp_path / "lora")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin.*never pickle"):
+        PeftModel.from_pretrained(MLP(), tmp_path / "nora")
