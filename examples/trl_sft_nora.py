@@ -63,10 +63,11 @@ def main() -> None:
 
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model), f"{args.out}/adapter")
     ids = tokenizer("What is 7 times 8? ", return_tensors="pt").input_ids
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # no autocast wrapper
     with torch.no_grad():
         reference = reloaded.eval()(ids).logits
         gap = (trainer.model.eval()(ids).logits.float() - reference).abs().max().item()
+        # unwrap_model(keep_fp32_wrapper=False) removes accelerate's autocast wrapper in place, so it comes last
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         exact = (unwrapped(ids).logits - reference).abs().max().item()
     print(
         f"adapter saved to {args.out}/adapter; max |trained - reloaded| logit: {gap:.2e} as trained, "
