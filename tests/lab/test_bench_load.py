@@ -1,0 +1,41 @@
+"""The load generator's pure parts: a seeded, bounded Poisson workload and the latency summary."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from nora_peft.lab.bench.load import Outcome, summarize, workload
+
+
+class PlainTokenizer:
+    chat_template = None
+
+
+def test_workload_is_seeded_bounded_and_poisson():
+    models = ["base", "a", "b"]
+    jobs = workload(PlainTokenizer(), models, rate=5.0, duration=200.0, limit=400, quick=False, seed=3)
+    again = workload(PlainTokenizer(), models, rate=5.0, duration=200.0, limit=400, quick=False, seed=3)
+    assert jobs == again  # the same workload for every policy
+    assert len(jobs) == 400  # bounded by count (200 s at 5/s would be ~1000)
+    gaps = [b.at - a.at for a, b in zip(jobs, jobs[1:])]
+    assert all(g > 0 for g in gaps)
+    assert statistics.mean(gaps) == pytest.approx(1 / 5.0, rel=0.15)  # exponential gaps of mean 1/rate
+    assert statistics.stdev(gaps) == pytest.approx(1 / 5.0, rel=0.2)  # ... and an exponential's spread
+    assert {j.model for j in jobs} == set(models) and len({j.max_tokens for j in jobs}) == 3
+    short = workload(PlainTokenizer(), models, rate=5.0, duration=2.0, limit=400, quick=False, seed=3)
+    assert all(j.at < 2.0 for j in short) and len(short) < 30  # bounded by time
+
+
+def test_summarize_percentiles_errors_and_throughput():
+    outcomes = [
+        Outcome(ok=True, sent=0.0, first=0.1 * (i + 1), chunks=[0.1 * (i + 1), 0.1 * (i + 1) + 0.02], end=1.0)
+        for i in range(10)
+    ]
+    outcomes.append(Outcome(ok=False, error="HTTP 503", sent=0.5, end=0.6))
+    got = summarize(outcomes, wall=2.0, tokens=30)
+    assert got["requests"] == 11 and got["errors"] == 1 and got["error_examples"] == ["HTTP 503"]
+    assert got["ttft_ms_p50"] == pytest.approx(550.0) and got["ttft_ms_p99"] == pytest.approx(991.0)
+    assert got["itl_ms_p50"] == pytest.approx(20.0)
+    assert got["throughput_tok_s"] == 15.0 and got["throughput_req_s"] == 5.0
