@@ -85,6 +85,12 @@ def median_ms(values: list[float]) -> float:
     return 1000 * statistics.median(values)
 
 
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repeats of ``num_i / den_i``: each repeat ran both back to back, so this ratio is paired in time
+    and robust to a shared machine's load changing between repeats (a ratio of medians is not)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
 def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: int = 1) -> torch.Tensor:
     """Token ids in ``[3, vocab)`` (clear of pad/bos/eos), reproducible by ``seed``."""
     g = torch.Generator().manual_seed(seed)

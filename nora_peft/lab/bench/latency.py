@@ -2,9 +2,10 @@
 
 The variants are built once; every *round* times prefill (one forward of ``batch x seq_len`` tokens) and decode
 (greedy ``generate`` of ``decode_tokens`` after a ``decode_prompt``-token prompt, KV cache) of every variant
-alternately, ``repeats`` times each, and keeps the medians. Overheads are per-round ratios of medians, and their 95%
-CIs are Student-t over rounds (``study.stats.latency_overheads``). The study's latency step stores
-:func:`measure_latency`'s result as ``latency.json``; the report only reads it.
+alternately, ``repeats`` times each, and keeps every time and the medians. A round's overhead is the median over
+repeats of the paired ratio (the variants of one repeat ran back to back); the 95% CIs are Student-t over rounds
+(``study.stats.latency_overheads``). The study's latency step stores :func:`measure_latency`'s result as
+``latency.json``; the report only reads it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _round_rows(variants: dict, times: dict[str, list[float]], tokens: int, rate
             "ms": median_ms(times[label]),
             "rel_latency": median_ms(times[label]) / base_ms,
             rate_key: tokens / median_ms(times[label]) * 1000,
+            "times_ms": [1000 * t for t in times[label]],
         }
         | info
         for label, (_, info) in variants.items()

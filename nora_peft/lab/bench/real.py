@@ -58,6 +58,7 @@ def train_rows(
                     "lora_ms": ms["lora"],
                     "nora_ms": ms["nora"],
                     "time_ratio_nora_over_lora": ms["nora"] / ms["lora"],
+                    "time_ratio_paired_median": got["paired_ratio"],
                     "lora_mem_bytes": mem["lora"],
                     "nora_mem_bytes": mem["nora"],
                     "mem_ratio_nora_over_lora": mem["nora"] / mem["lora"],

@@ -16,7 +16,16 @@ import torch
 import torch.nn as nn
 
 from ...methods import AdapterSpec, build_peft_model
-from .harness import ALL_LINEAR, alternate, log, median_ms, random_ids, saved_activation_bytes, small_llama
+from .harness import (
+    ALL_LINEAR,
+    alternate,
+    log,
+    median_ms,
+    paired_ratio,
+    random_ids,
+    saved_activation_bytes,
+    small_llama,
+)
 
 
 def _train_step(model: nn.Module, ids: torch.Tensor, autocast: torch.dtype | None) -> Callable[[], None]:
@@ -63,7 +72,8 @@ def compare_train_steps(
 ) -> dict[str, Any]:
     """Step time (alternating repeats) and activation memory of each spec on a copy of ``base``.
 
-    Returns ``{"ms": {name: median}, "mem_bytes": {name: bytes}, "step_times_ms": {name: [...]}, "memory_measure"}``.
+    Returns ``{"ms": {name: median}, "paired_ratio" (second spec over first, see ``harness.paired_ratio``; two specs
+    only), "mem_bytes": {name: bytes}, "step_times_ms": {name: [...]}, "memory_measure"}``.
     """
     steps, memory = {}, {}
     for name, spec in specs.items():
@@ -72,8 +82,10 @@ def compare_train_steps(
         steps[name] = _train_step(model, ids, autocast)
         memory[name] = _step_memory(model, ids, steps[name], autocast)
     times = alternate(steps, repeats=repeats, warmup=warmup, device=ids.device)
+    names = list(specs)
     return {
         "ms": {name: median_ms(t) for name, t in times.items()},
+        "paired_ratio": paired_ratio(times, names[-1], names[0]) if len(names) == 2 else None,
         "mem_bytes": memory,
         "step_times_ms": {name: [1000 * t for t in ts] for name, ts in times.items()},
         "memory_measure": "cuda_max_allocated_during_step"
@@ -115,6 +127,7 @@ def bench_train(
                     "lora_ms": ms["lora"],
                     "nora_ms": ms["nora"],
                     "time_ratio_nora_over_lora": ms["nora"] / ms["lora"],
+                    "time_ratio_paired_median": got["paired_ratio"],
                     "lora_mem_bytes": mem["lora"],
                     "nora_mem_bytes": mem["nora"],
                     "mem_ratio_nora_over_lora": mem["nora"] / mem["lora"],
@@ -146,7 +159,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 def print_step_table(title: str, rows: list[dict[str, Any]], lead: str = "r") -> None:
     """The NoRA-vs-LoRA step table (ms, ratios, MiB) of rows from :func:`bench_train` or the ``real`` section."""
     print(f"\n{title}")
-    cols = ("lora ms", "nora ms", "time x", "lora MiB", "nora MiB", "mem x")
+    cols = ("lora ms", "nora ms", "time x", "pair x", "lora MiB", "nora MiB", "mem x")
     w = max(5, len(lead))
     print(
         f"{lead:>{w}} {'drop':>5} " + " ".join(f"{c:>{6 if c == 'mem x' else 9 if 'x' not in c else 7}}" for c in cols)
@@ -154,7 +167,8 @@ def print_step_table(title: str, rows: list[dict[str, Any]], lead: str = "r") ->
     for row in rows:
         print(
             f"{row[lead]:>{w}} {row['dropout']:>5} {row['lora_ms']:>9.1f} {row['nora_ms']:>9.1f} "
-            f"{row['time_ratio_nora_over_lora']:>7.3f} {row['lora_mem_bytes'] / 2**20:>9.1f} "
+            f"{row['time_ratio_nora_over_lora']:>7.3f} {row['time_ratio_paired_median']:>7.3f} "
+            f"{row['lora_mem_bytes'] / 2**20:>9.1f} "
             f"{row['nora_mem_bytes'] / 2**20:>9.1f} {row['mem_ratio_nora_over_lora']:>6.3f}"
         )
 

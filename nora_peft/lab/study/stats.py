@@ -147,11 +147,22 @@ def compare(a: dict[int, float], b: dict[int, float]) -> Diff:
     return Diff(mean, mean - h, mean + h, min(len(va), len(vb)), False)
 
 
-def latency_overheads(rounds: list[list[dict[str, Any]]] | None) -> dict[str, Stat] | None:
-    """Per-round unmerged-NoRA latency overhead (``ms / ms - 1``) vs merged LoRA (else the base) and vs unmerged
-    LoRA, as means with 95% CIs over rounds; ``None`` when no round has a NoRA row.
+def round_overhead(row: dict[str, Any], ref: dict[str, Any]) -> float:
+    """``row``'s latency over ``ref``'s, minus 1, in one round: the median of the per-repeat ratios when both rows
+    hold their repeats' times (``times_ms``; the variants of a repeat ran back to back, so each ratio is paired in
+    time and a shared machine's load changes cancel), else the ratio of the rows' medians (``ms``)."""
+    a, b = row.get("times_ms"), ref.get("times_ms")
+    if a and b and len(a) == len(b):
+        return float(np.median([x / y for x, y in zip(a, b)])) - 1
+    return row["ms"] / ref["ms"] - 1
 
-    A round is a list of rows ``{"label", "ms", "method", "merged"}`` measured alternately (``bench.latency``)."""
+
+def latency_overheads(rounds: list[list[dict[str, Any]]] | None) -> dict[str, Stat] | None:
+    """Per-round unmerged-NoRA latency overhead (:func:`round_overhead`) vs merged LoRA (else the base) and vs
+    unmerged LoRA, as means with 95% CIs over rounds; ``None`` when no round has a NoRA row.
+
+    A round is a list of rows ``{"label", "ms", "method", "merged"[, "times_ms"]}`` measured alternately
+    (``bench.latency``)."""
     vs_merged, vs_unmerged = [], []
     for rows in rounds or []:
         nora = next((r for r in rows if r.get("method") == "nora" and not r.get("merged")), None)
@@ -160,9 +171,9 @@ def latency_overheads(rounds: list[list[dict[str, Any]]] | None) -> dict[str, St
         unmerged = next((r for r in rows if r.get("method") == "lora" and not r.get("merged")), None)
         if nora is None or merged is None:
             continue
-        vs_merged.append(nora["ms"] / merged["ms"] - 1)
+        vs_merged.append(round_overhead(nora, merged))
         if unmerged is not None:
-            vs_unmerged.append(nora["ms"] / unmerged["ms"] - 1)
+            vs_unmerged.append(round_overhead(nora, unmerged))
     if not vs_merged:
         return None
     return {"vs_merged_lora": mean_ci(vs_merged), "vs_unmerged_lora": mean_ci(vs_unmerged)}
