@@ -5,9 +5,12 @@
     from peft import get_peft_model, PeftModel
     from nora_peft import NoraConfig
     model = get_peft_model(base, NoraConfig(r=64, alpha=128, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+
+Tools that load adapters themselves (lm-eval, transformers' pipeline) need that import too: use ``nora lm-eval`` or
+the opt-in ``python -m nora_peft.autoregister enable`` (docs/ecosystem.md).
 """
 
-from .config import NORA_PEFT_TYPE, NoraConfig
+from .config import NORA_PEFT_TYPE, NoraConfig, NoraPeftType
 from .layer import Linear, NoraLayer, ParallelBlock
 from .model import NoraModel
 from .ops import nora_delta, nora_delta_reference
@@ -22,6 +25,7 @@ __all__ = [
     "NoraConfig",
     "NoraLayer",
     "NoraModel",
+    "NoraPeftType",
     "ParallelBlock",
     "nora_delta",
     "nora_delta_reference",

@@ -7,7 +7,9 @@ the logits with the ``PeftModel`` that saved it.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import warnings
 
 import pytest
@@ -26,9 +28,9 @@ from .tiny_models import VOCAB, input_ids, tiny_causal_lm
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer for the tiny models (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     # one token per printable character, exactly the models' vocabulary (lm-eval resizes embeddings otherwise)
     chars = [c for c in string.printable if not c.isspace()]
@@ -66,6 +68,8 @@ def test_peft_type_has_value_and_stays_the_plain_string(tmp_path):
     assert NORA_PEFT_TYPE == "NORA" and hash(NORA_PEFT_TYPE) == hash("NORA") and {"NORA": 1}[NORA_PEFT_TYPE] == 1
     cfg = NoraConfig(r=2, target_modules=["q_proj"])
     assert cfg.peft_type.value == "NORA"
+    for clone in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):  # DataLoader workers, FSDP, torch.save
+        assert clone.peft_type.value == "NORA" and clone.to_dict()["peft_type"].value == "NORA"
     cfg.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "NORA"
     from peft import PeftConfig
