@@ -161,23 +161,59 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
-class AnswerStop:
-    """A per-row stopping criterion for ``model.generate``: a row is done once its new text holds a complete
-    ``#### N`` line (``data.answer_is_complete``). Only the last ``tail`` new tokens are decoded at each step (the
-    line is found the step its number ends); ``stopped_at[i]`` is how many new tokens row ``i`` had then."""
+def _answer_done(tokenizer, tail: int = 32):
+    """The early-stop rule on a row's new token ids: its ``#### N`` line is complete (``data.answer_is_complete``).
+    Only the last ``tail`` tokens are decoded: the rule is checked every step, so the line is found the step its
+    number ends, well within them."""
+    from . import data  # looked up at call time, so tests can stand in another rule
 
-    def __init__(self, tokenizer, prompt_width: int, batch: int, tail: int = 32) -> None:
-        self.tokenizer, self.width, self.tail = tokenizer, prompt_width, tail
-        self.stopped_at: list[int | None] = [None] * batch
+    return lambda ids: data.answer_is_complete(tokenizer.decode(ids[-tail:], skip_special_tokens=True))
 
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
-        from .data import answer_is_complete
 
-        new = input_ids[:, self.width :]
-        for i, at in enumerate(self.stopped_at):
-            if at is None and answer_is_complete(self.tokenizer.decode(new[i, -self.tail :], skip_special_tokens=True)):
-                self.stopped_at[i] = new.shape[1]
-        return torch.tensor([at is not None for at in self.stopped_at], device=input_ids.device)
+@torch.no_grad()
+def _greedy_rows(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos: list[int],
+    done: Any = None,
+) -> list[tuple[list[int], str]]:
+    """Greedy decoding of a left-padded batch with the KV cache: ``(new ids without the EOS, why it stopped)`` per
+    row. A row leaves the batch (its cache rows are dropped) the step it hits EOS or ``done(ids)``, so the others go
+    on with fewer rows; positions count from each row's first real token, as ``model.generate`` does."""
+    rows = list(range(input_ids.shape[0]))  # the original row of each row still decoding
+    new: list[list[int]] = [[] for _ in rows]
+    why = ["hit_max_new_tokens"] * len(rows)
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions.masked_fill_(attention_mask == 0, 1)
+    ids, mask, cache = input_ids, attention_mask, None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)  # fmt: skip
+        cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1)
+        keep = []
+        for j, (r, token) in enumerate(zip(rows, next_ids.tolist())):
+            if token in eos:
+                why[r] = "stopped_at_eos"
+                continue
+            new[r].append(token)
+            if done is not None and done(new[r]):
+                why[r] = "stopped_at_answer"
+                continue
+            keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(index)
+            next_ids, mask, positions = next_ids[index], mask[index], positions[index]
+            rows = [rows[j] for j in keep]
+        ids = next_ids[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return list(zip(new, why))
 
 
 def generate(
@@ -194,13 +230,13 @@ def generate(
     """Greedy completions of each record's formatted prompt: the new text only, in the order of ``records``.
 
     Batches of similar prompt length, left-padded, decoded with the KV cache; each row stops at EOS, at
-    ``max_new_tokens``, or (``stop_at_answer``) once its ``#### N`` line is complete. Rows do not see each other, so a
-    row's text is what it would be alone (up to float noise in near-ties). ``stats``, when given, receives
-    ``new_tokens`` (generated, summed), ``stopped_at_answer``, ``stopped_at_eos``, ``hit_max_new_tokens``.
+    ``max_new_tokens``, or (``stop_at_answer``) once its ``#### N`` line is complete, and then leaves the batch. Rows
+    do not see each other, so a row's text is what it would be alone (up to float noise in near-ties). ``stats``,
+    when given, receives ``new_tokens`` (generated, summed), ``stopped_at_answer``, ``stopped_at_eos``,
+    ``hit_max_new_tokens``.
     """
-    from transformers import StoppingCriteriaList
-
     device, pad, eos = _device(model), _pad_id(tokenizer), _eos_ids(model, tokenizer)
+    done = _answer_done(tokenizer) if stop_at_answer else None
     prompts = prompt_ids(tokenizer, records)
     outputs: list[str] = [""] * len(prompts)
     counts = {"new_tokens": 0, "stopped_at_answer": 0, "stopped_at_eos": 0, "hit_max_new_tokens": 0}
@@ -210,35 +246,14 @@ def generate(
             width = max(len(p) for p in chunk)
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            stop = AnswerStop(tokenizer, width, len(chunk))
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                stopping_criteria=StoppingCriteriaList([stop] if stop_at_answer else []),
-            )
-            for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
-                end, why = _row_end(new, eos, stop.stopped_at[row], max_new_tokens)
+            rows = _greedy_rows(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos, done=done)
+            for i, (ids, why) in zip(idx, rows):
                 counts[why] += 1
-                counts["new_tokens"] += end
-                outputs[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
+                counts["new_tokens"] += len(ids)
+                outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
     if stats is not None:
         stats.update(counts)
     return outputs
-
-
-def _row_end(new: list[int], eos: list[int], stopped_at: int | None, max_new_tokens: int) -> tuple[int, str]:
-    """Where a row's own tokens end (the rest is padding after it stopped) and why it stopped."""
-    first_eos = next((j for j, t in enumerate(new) if t in eos), None)
-    if first_eos is not None and (stopped_at is None or first_eos < stopped_at):
-        return first_eos, "stopped_at_eos"
-    if stopped_at is not None:
-        return stopped_at, "stopped_at_answer"
-    return min(len(new), max_new_tokens), "hit_max_new_tokens"
 
 
 def default_max_new_tokens(tokenizer, records: list[dict[str, Any]], cap: int = 512) -> int:

@@ -114,6 +114,21 @@ def test_batched_left_padded_generation_equals_one_at_a_time(loaded):
     assert tokenizer.padding_side == "right"  # left untouched for training
 
 
+def test_generation_equals_transformers_generate_one_at_a_time(loaded):
+    """The hand-written decode loop (rows leave the batch as they finish) against ``model.generate`` on each prompt
+    alone, unpadded: the same greedy tokens up to EOS."""
+    model, tokenizer, _, splits = loaded
+    records = splits["test"][:6]
+    ours = ev.generate(model, tokenizer, records, max_new_tokens=12, batch_size=4, stop_at_answer=False)
+    for rec, text in zip(records, ours):
+        ids = torch.tensor([ev.prompt_ids(tokenizer, [rec])[0]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1] :].tolist()
+        new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+        assert text == tokenizer.decode(new, skip_special_tokens=True)
+
+
 def test_early_stop_per_row_equals_one_at_a_time_and_the_cut_full_output(loaded, monkeypatch):
     """Rows stop at different steps; each row's text is what it generates alone, and what the full (no early stop)
     generation gives, cut at the first prefix where the stop rule holds."""
