@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
     parser.add_argument("--scheduler", default="continuous", choices=["continuous", "wave"], help="batching policy")
-    parser.add_argument("--prefill-chunk", type=int, default=256, help="prompt positions prefilled per step")
+    parser.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context - 1")
     parser.add_argument("--served-model-name", default=None, help="the base model's name in `model` fields")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

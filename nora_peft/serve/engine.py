@@ -34,7 +34,7 @@ class Engine:
     """Base model + adapter pool + scheduler. Thread-safe ``submit``; ``generate`` for offline use.
 
     ``scheduler="continuous"`` (default) batches per iteration; ``"wave"`` is static batching (for comparison).
-    ``prefill_chunk`` bounds the prompt positions prefilled per iteration while other rows decode.
+    ``prefill_chunk`` bounds the prompt tokens prefilled per iteration while other rows decode.
     """
 
     def __init__(
@@ -53,7 +53,7 @@ class Engine:
         allow_external_paths: bool = False,
         add_bos: bool | None = None,
         scheduler: Policy = "continuous",
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 128,
         max_lora_rank: int | None = None,
     ) -> None:
         self.model = model.eval()

@@ -4,9 +4,9 @@ Every iteration of the loop (:meth:`Scheduler.step`):
 
 1. **Admit.** Waiting requests join a *prefill group* as soon as the running batch has room (``max_batch_size``
    rows) and their adapter can get a pool slot (adapters of running rows are pinned, never evicted).
-2. **Prefill, one chunk.** The group's prompts (left-padded together) advance by at most ``prefill_chunk`` positions
-   into the group's own KV cache. A long prompt therefore costs the running rows one chunk of delay per iteration,
-   not its whole prefill. When the group's prompts are done, each row samples its first token and the group's cache
+2. **Prefill, one chunk.** The group's prompts (left-padded together) advance into the group's own KV cache by
+   ``prefill_chunk // rows`` positions (a token budget per iteration, like vLLM's chunked prefill). A long prompt
+   therefore costs the running rows one chunk of delay per iteration, not its whole prefill. When the group's prompts are done, each row samples its first token and the group's cache
    is merged into the running batch's cache (left-padded to a common length).
 3. **Decode, one token** for every running row: one forward for the batch, each row with its own adapter (the
    :class:`~nora_peft.serve.layers.StepMapping`, rebuilt only when rows join or leave), its own sampling parameters and
@@ -138,7 +138,7 @@ class Scheduler:
         max_queue: int = 256,
         batch_wait_s: float = 0.005,
         request_timeout_s: float = 120.0,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 128,
         policy: Policy = "continuous",
     ) -> None:
         if policy not in ("continuous", "wave"):
@@ -320,7 +320,8 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill_chunk(self) -> None:
         group = self.group
-        end = min(group.done + self.prefill_chunk, group.ids.shape[1])
+        columns = max(1, self.prefill_chunk // len(group.rows))  # a token budget shared by the group's rows
+        end = min(group.done + columns, group.ids.shape[1])
         try:
             mapping = self.stacks.mapping([r.slot for r in group.rows])
             with self.stacks.use(mapping):
