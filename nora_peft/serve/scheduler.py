@@ -223,6 +223,7 @@ class Scheduler:
                     self.step()
                 except Exception:  # the loop never dies; step() already failed the rows concerned
                     log.exception("scheduler step failed")
+            time.sleep(0)  # let a thread waiting for the lock (adapter load / unload) take it between steps
 
     def _wait_for_work(self) -> bool:
         """Block while idle; when the first request arrives, wait ``batch_wait_s`` for company."""
