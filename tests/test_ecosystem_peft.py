@@ -95,8 +95,6 @@ def test_peft_entry_wins_over_noras_extras(monkeypatch):
 
 def test_gemma4_regex_default_matches_lora():
     """The real case of the finding: gemma4's default is a regex over the language model's q/v projections."""
-    from transformers import Gemma4ForConditionalGeneration  # noqa: F401  (present in the pinned transformers)
-
     value = LoraModel.target_module_mapping.get("gemma4")
     if not isinstance(value, str):
         pytest.skip(f"peft's gemma4 default is no longer a regex string: {value!r}")
