@@ -2,11 +2,12 @@
 
 Tools that call ``PeftModel.from_pretrained`` themselves (lm-eval's ``peft=``, transformers' ``pipeline`` and
 ``from_pretrained`` of an adapter folder) never ``import nora_peft``, so peft raises ``KeyError: 'NORA'``. The
-supported routes are ``import nora_peft`` first, or ``nora lm-eval``. For everything else::
+supported routes are ``import nora_peft`` first, or ``nora lm-eval``. For everything else, opt in by writing one
+``.pth`` line yourself (nora-peft never writes into site-packages on its own)::
 
-    python -m nora_peft.autoregister enable    # writes nora_peft-autoregister.pth into site-packages
+    python -m nora_peft.autoregister pth > "$(python -m nora_peft.autoregister site-dir)/nora_peft-autoregister.pth"
     python -m nora_peft.autoregister status
-    python -m nora_peft.autoregister disable   # removes it (do this before uninstalling nora-peft)
+    rm "$(python -m nora_peft.autoregister site-dir)/nora_peft-autoregister.pth"   # opt out (before uninstalling)
 
 The ``.pth`` line runs ``nora_peft/_peft_hook.py`` at interpreter start: a finder that waits for ``import peft`` and
 then imports nora_peft, fail-safe (a broken nora-peft gives a warning, peft still imports). Costs are measured in
@@ -37,16 +38,16 @@ def site_dir() -> Path:
     return Path(sysconfig.get_paths()["purelib"])
 
 
-def enable(directory: Path | None = None) -> Path:
-    """Write the ``.pth`` file; returns its path. Idempotent."""
-    path = (directory or site_dir()) / PTH_NAME
+def enable(directory: Path) -> Path:
+    """Write the ``.pth`` file into ``directory`` (a site dir of your choice); returns its path. Idempotent."""
+    path = directory / PTH_NAME
     path.write_text(pth_line())
     return path
 
 
-def disable(directory: Path | None = None) -> bool:
-    """Remove the ``.pth`` file; ``True`` if there was one."""
-    path = (directory or site_dir()) / PTH_NAME
+def disable(directory: Path) -> bool:
+    """Remove the ``.pth`` file from ``directory``; ``True`` if there was one."""
+    path = directory / PTH_NAME
     if path.exists():
         path.unlink()
         return True
@@ -60,13 +61,13 @@ def status(directory: Path | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nora_peft.autoregister", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["enable", "disable", "status"])
+    parser.add_argument("action", choices=["pth", "site-dir", "status"], help="print the .pth line / the site dir")
     parser.add_argument("--site-dir", type=Path, default=None, help="default: this environment's site-packages")
     args = parser.parse_args(argv)
-    if args.action == "enable":
-        print(f"enabled: {enable(args.site_dir)}")
-    elif args.action == "disable":
-        print("disabled" if disable(args.site_dir) else "was not enabled")
+    if args.action == "pth":
+        print(pth_line(), end="")
+    elif args.action == "site-dir":
+        print(args.site_dir or site_dir())
     else:
         print(status(args.site_dir))
     return 0

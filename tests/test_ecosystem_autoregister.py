@@ -99,3 +99,13 @@ def test_pth_is_one_import_line_and_a_removed_hook_is_a_no_op(tmp_path):
     line = autoregister.pth_line(tmp_path / "gone.py")
     assert line.startswith("import ") and line.count("\n") == 1  # site.py executes only lines starting with import
     exec(line, {})  # the hook file does not exist: nothing happens, nothing raises
+
+
+def test_cli_prints_the_line_and_never_writes_site_packages(capsys, tmp_path):
+    before = sorted(p.name for p in autoregister.site_dir().iterdir())
+    assert autoregister.main(["pth"]) == 0
+    assert capsys.readouterr().out == autoregister.pth_line()
+    assert autoregister.main(["site-dir"]) == 0 and capsys.readouterr().out.strip() == str(autoregister.site_dir())
+    assert autoregister.main(["status", "--site-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("disabled")
+    assert sorted(p.name for p in autoregister.site_dir().iterdir()) == before
