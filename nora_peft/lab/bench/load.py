@@ -315,6 +315,7 @@ def throughput(setup: Setup, *, new_tokens: int, repeats: int, sizes: tuple[int,
         for n in sizes:
             jobs = [Job(0.0, setup.names[i % len(setup.names)], prompt, new_tokens) for i in range(n)]
             served, plain = [], []
+            log(f"load throughput: {n} concurrent requests vs generate at batch {n}, {repeats} alternating repeats")
             for _ in range(repeats):
                 got = replay(url, jobs, open_loop=False)
                 served.append(got["throughput_tok_s"])
@@ -365,6 +366,7 @@ def adapter_mix(setup: Setup, *, new_tokens: int, rows: int = 32) -> list[dict[s
         _warm(url, setup.names + ([setup.big] if setup.big else []))
         for _ in range(2):  # two rounds, alternating the mixes; the median gap of each round is kept
             for name, models in mixes.items():
+                log(f"load adapter mix: {name}, {rows} rows x {new_tokens} tokens")
                 got = replay(url, [Job(0.0, m, prompt, new_tokens) for m in models], open_loop=False)
                 step = got.get("itl_ms_p50", math.nan)
                 out.append(
@@ -428,7 +430,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="nora-load-") as tmp:
         folder = Path(tmp)
-        log(f"load: writing {n_adapters} adapters (+1 r=256 for the mix part) to {folder}")
+        log(f"load: writing random adapters to {folder}")
         names = write_adapters(model.float(), folder, [args.rank or 8] * max(n_adapters, 32 if "mix" in parts else 0))
         big = write_adapters(model, folder, [256], seed=99)[0] if "mix" in parts and not q else None
         model = model.to(dtype)
