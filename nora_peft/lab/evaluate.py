@@ -62,10 +62,17 @@ def _inference(model: torch.nn.Module, precision: str | None) -> Iterator[None]:
         yield
 
 
-def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted, stable), so a batch pads little."""
+def _length_batches(lengths: list[int], batch_size: int, progress: str | None = None) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length (sorted, stable), so a batch pads little; with ``progress``
+    (a label), a line on stderr per batch."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    start = time.perf_counter()
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+        if progress:
+            done = min(i + batch_size, len(order))
+            print(f"[nora eval] {progress}: {done}/{len(order)} records, {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,6 +106,7 @@ def perplexities(
     max_length: int = 256,
     batch_size: int = 8,
     precision: str | None = None,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """``{"response": ..., "full": ...}``, each as :func:`perplexity` returns it, from one forward pass per batch
     (the two differ only in which tokens are scored: the rows are the same). Records are batched by length (the
@@ -113,7 +121,7 @@ def perplexities(
     tokens = {"response": 0, "full": 0}
     slots = 0
     with _inference(model, precision):
-        for idx in _length_batches([len(x) for x in input_ids], batch_size):
+        for idx in _length_batches([len(x) for x in input_ids], batch_size, "perplexity" if progress else None):
             feats = [{"input_ids": input_ids[i], "attention_mask": [1] * len(input_ids[i]), "labels": labels[i]}
                      for i in idx]  # fmt: skip
             batch = {k: v.to(device) for k, v in collate(feats, pad).items()}
@@ -226,6 +234,7 @@ def generate(
     stop_at_answer: bool = True,
     precision: str | None = None,
     stats: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy completions of each record's formatted prompt: the new text only, in the order of ``records``.
 
@@ -241,7 +250,7 @@ def generate(
     outputs: list[str] = [""] * len(prompts)
     counts = {"new_tokens": 0, "stopped_at_answer": 0, "stopped_at_eos": 0, "hit_max_new_tokens": 0}
     with _inference(model, precision):
-        for idx in _length_batches([len(p) for p in prompts], batch_size):
+        for idx in _length_batches([len(p) for p in prompts], batch_size, "generation" if progress else None):
             chunk = [prompts[i] for i in idx]
             width = max(len(p) for p in chunk)
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
@@ -447,6 +456,7 @@ def evaluate_records(
     max_new_tokens: int | None = None,
     max_generate: int | None = None,
     precision: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Perplexity (response-only and full), and with ``generate_outputs`` accuracy and logistic-map metrics.
 
@@ -460,7 +470,8 @@ def evaluate_records(
     if not records:
         raise ValueError("No records to evaluate (the split is empty); choose another --split or data source.")
     start = time.perf_counter()
-    both = perplexities(model, tokenizer, records, max_length=max_length, batch_size=batch_size, precision=precision)
+    kw = dict(batch_size=batch_size, precision=precision, progress=progress)
+    both = perplexities(model, tokenizer, records, max_length=max_length, **kw)
     response, full = both["response"], both["full"]
     result: dict[str, Any] = {
         "n": len(records),
@@ -481,8 +492,7 @@ def evaluate_records(
             start = time.perf_counter()
             mnt = max_new_tokens or default_max_new_tokens(tokenizer, scored)
             gen_stats: dict[str, Any] = {}
-            predictions = generate(model, tokenizer, scored, max_new_tokens=mnt, batch_size=batch_size,
-                                   precision=precision, stats=gen_stats)  # fmt: skip
+            predictions = generate(model, tokenizer, scored, max_new_tokens=mnt, stats=gen_stats, **kw)
             result["seconds"]["generation"] = round(time.perf_counter() - start, 2)
             result["max_new_tokens"] = mnt
             result["generation_stats"] = gen_stats
@@ -512,6 +522,7 @@ def evaluate_run(
     max_new_tokens: int | None = None,
     max_generate: int | None = None,
     precision: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a finished run on a split of its own data; writes ``run_dir/eval_<split>.json`` atomically.
 
@@ -535,6 +546,7 @@ def evaluate_run(
         max_new_tokens=max_new_tokens,
         max_generate=max_generate,
         precision=resolve_precision(precision or cfg.precision),
+        progress=progress,
     )
     result.update(
         run_dir=str(run_dir),
@@ -604,6 +616,7 @@ def _evaluate_model_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path
         max_new_tokens=args.max_new_tokens,
         max_generate=args.max_generate,
         precision=precision,
+        progress=True,
     )
     result.update(model=args.model, adapter=args.adapter, data=data, split=args.split, max_examples=args.max_examples)
     name = f"eval_{_slug(data)}_{args.split}.json"
@@ -684,6 +697,7 @@ def _evaluate_cli(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         max_new_tokens=args.max_new_tokens,
         max_generate=args.max_generate,
         precision=args.precision,
+        progress=True,
     )
     return result, run_dir / f"eval_{args.split}.json"
 
