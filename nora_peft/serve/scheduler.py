@@ -6,8 +6,9 @@ Every iteration of the loop (:meth:`Scheduler.step`):
    rows) and their adapter can get a pool slot (adapters of running rows are pinned, never evicted).
 2. **Prefill, one chunk.** The group's prompts (left-padded together) advance into the group's own KV cache by
    ``prefill_chunk // rows`` positions (a token budget per iteration, like vLLM's chunked prefill). A long prompt
-   therefore costs the running rows one chunk of delay per iteration, not its whole prefill. When the group's prompts are done, each row samples its first token and the group's cache
-   is merged into the running batch's cache (left-padded to a common length).
+   therefore costs the running rows one chunk of delay per iteration, not its whole prefill. When the group's
+   prompts are done, each row samples its first token and the group's cache is merged into the running batch's
+   cache (left-padded to a common length).
 3. **Decode, one token** for every running row: one forward for the batch, each row with its own adapter (the
    :class:`~nora_peft.serve.layers.StepMapping`, rebuilt only when rows join or leave), its own sampling parameters and
    its own stop conditions. Finished and cancelled rows leave at once; their KV rows are dropped
@@ -323,6 +324,9 @@ class Scheduler:
         group = self.group
         columns = max(1, self.prefill_chunk // len(group.rows))  # a token budget shared by the group's rows
         end = min(group.done + columns, group.ids.shape[1])
+        # the last position only, as an index tensor: an int slices a non-contiguous view, and the LM head's matmul
+        # on it copies the whole output embedding once per row (seconds on a CPU for a 49k vocabulary)
+        last = torch.tensor([end - group.done - 1], device=self.device)
         try:
             mapping = self.stacks.mapping([r.slot for r in group.rows])
             with self.stacks.use(mapping):
@@ -332,7 +336,7 @@ class Scheduler:
                     position_ids=group.positions[:, group.done : end],
                     past_key_values=group.cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=last,
                 )
         except Exception as e:
             self.group = None
