@@ -42,5 +42,6 @@ def latency_step(spec: StudySpec, out_dir: str | Path, log: Callable[[str], None
         warmup=3,
     )
     result["model"] = model_name or "embedded default base"
+    result["cells_model"] = model_name == spec.model  # the report pairs rows with trained cells only if True
     write_latency(out_dir, result)
     return result

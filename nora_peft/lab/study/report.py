@@ -247,7 +247,8 @@ def _latency_table(inp: ReportInputs, rounds: list[list[dict]], rate: str) -> st
     rows = []
     for label, rs in by_label.items():
         m = rs[0].get("method")
-        g = find_group(inp.groups, ds0, m, r_lat) if m else None
+        same_model = inp.latency.get("cells_model", True)  # measured on another model: its cells were not trained
+        g = find_group(inp.groups, ds0, m, r_lat) if m and same_model else None
         rows.append(
             [
                 label,

@@ -86,6 +86,7 @@ def test_report_shows_stored_prefill_and_decode_latency(tmp_path):
         {
             "rank": 8,
             "model": "smollm2-135m",
+            "cells_model": False,  # measured on another model than the cells': no params / PPL pairing
             "rounds": _latency_rounds([10.5, 10.6, 10.4], "tokens_per_s"),
             "decode_rounds": _latency_rounds([11.0, 11.0, 11.0], "decode_tokens_per_s"),
             "setting": "prefill setting",
@@ -95,6 +96,7 @@ def test_report_shows_stored_prefill_and_decode_latency(tmp_path):
     text = _write(tmp_path, spec, lambda c: (9.0, 9.0)).read_text()
     assert "## Efficiency (Table 3)" in text and "`smollm2-135m`" in text and "decode setting" in text
     assert "generated tokens/s" in text  # the decode table
+    assert "| nora-r8 | - | - |" in text
     assert "vs merged LoRA: 0.050 ± " in text and "vs merged LoRA: 0.100" in text  # prefill, then decode overhead
     claim5 = next(v for v in read_json(tmp_path / "verdicts.json") if v["claim"].startswith("(5)"))
     assert claim5["verdict"] == "holds" and "Decode: NoRA (unmerged) vs merged LoRA: +10.0%" in claim5["evidence"]
