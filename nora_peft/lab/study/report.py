@@ -18,7 +18,7 @@ from typing import Any
 
 from ..io import write_json_atomic
 from .figures import plot_by_rank, spectral_figures
-from .results import read_latency, read_results
+from .results import read_base_reference, read_latency, read_results
 from .spec import StudySpec, expand_cells
 from .stats import latency_overheads, mean_ci
 from .verdicts import Group, GroupKey, Verdict, all_verdicts, capacity_matters, find_group, select_groups
@@ -34,6 +34,7 @@ class ReportInputs:
     groups: dict[GroupKey, Group]
     latency: dict[str, Any] | None
     verdicts: list[Verdict]
+    base_reference: dict[str, Any] | None = None
 
     @property
     def fig_dir(self) -> Path:
@@ -154,6 +155,10 @@ def scaling_section(inp: ReportInputs, ds: str) -> list[str]:
                         len(g.rows),
                     ]
                 )
+    reference = ((inp.base_reference or {}).get("datasets") or {}).get(ds)
+    if reference is not None:  # the base model without an adapter, evaluated on the same test records
+        scores = [_f(reference.get("ppl")), _f(reference.get("accuracy"))]
+        rows.insert(0, ["base (no adapter)", "-", "-", 0, "-", *scores, "-"])
     header = ["method", "r", "lr (val-selected)", "trainable params", "val PPL", "test PPL", "test exact-match acc."]
     return [
         f"## {ds}: scaling with rank (Figs 2/3)",
@@ -327,7 +332,7 @@ def load_inputs(spec: StudySpec, out_dir: str | Path) -> ReportInputs:
     groups = select_groups(rows)
     latency = read_latency(out_dir)
     verdicts = all_verdicts(spec, groups, latency)
-    return ReportInputs(spec, out_dir, rows, groups, latency, verdicts)
+    return ReportInputs(spec, out_dir, rows, groups, latency, verdicts, read_base_reference(out_dir))
 
 
 def render(inp: ReportInputs) -> str:

@@ -1,4 +1,5 @@
-"""The study's output dir as files: ``results.jsonl`` (one row per finished cell) and ``latency.json``.
+"""The study's output dir as files: ``results.jsonl`` (one row per finished cell), ``latency.json`` and
+``base_reference.json``.
 
 Rows are appended atomically (``nora_peft.lab.io.append_jsonl``) and deduplicated by cell id on read, so a killed study
 loses or repeats nothing; a torn last line is ended before the next append and skipped on read.
@@ -13,6 +14,8 @@ from ..io import append_jsonl, read_json, read_jsonl, write_json_atomic
 
 RESULTS = "results.jsonl"
 LATENCY = "latency.json"
+#: the base model without an adapter, evaluated like the cells (written by the runner)
+BASE_REFERENCE = "base_reference.json"
 
 
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -45,6 +48,12 @@ def append_result(out_dir: str | Path, row: dict[str, Any]) -> None:
 def read_latency(out_dir: str | Path) -> dict[str, Any] | None:
     """The stored latency measurement (``bench.latency.measure_latency``'s result), or ``None`` if not measured."""
     path = Path(out_dir) / LATENCY
+    return read_json(path) if path.exists() else None
+
+
+def read_base_reference(out_dir: str | Path) -> dict[str, Any] | None:
+    """The reference row ``{"model", "split", "datasets": {name: eval result}}``, or ``None`` if not written."""
+    path = Path(out_dir) / BASE_REFERENCE
     return read_json(path) if path.exists() else None
 
 

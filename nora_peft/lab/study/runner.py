@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import read_json, write_json_atomic
-from .results import append_result, end_torn_line, read_results
+from .results import BASE_REFERENCE, append_result, end_torn_line, read_results
 from .spec import Cell, StudySpec, expand_cells, shard_cells
 
 
@@ -138,9 +138,6 @@ def cell_row(cell: Cell, run_dir: Path, wall_s: float | None = None) -> dict[str
     if wall_s is not None:
         row["cell_wall_s"] = round(wall_s, 2)
     return row
-
-
-BASE_REFERENCE = "base_reference.json"
 
 
 def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:

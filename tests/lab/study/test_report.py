@@ -100,3 +100,14 @@ def test_report_shows_stored_prefill_and_decode_latency(tmp_path):
     assert "vs merged LoRA: 0.050 ± " in text and "vs merged LoRA: 0.100" in text  # prefill, then decode overhead
     claim5 = next(v for v in read_json(tmp_path / "verdicts.json") if v["claim"].startswith("(5)"))
     assert claim5["verdict"] == "holds" and "Decode: NoRA (unmerged) vs merged LoRA: +10.0%" in claim5["evidence"]
+
+
+def test_report_shows_the_base_reference_row(tmp_path):
+    from nora_peft.lab.io import write_json_atomic
+
+    write_json_atomic(
+        tmp_path / "base_reference.json",
+        {"model": "m", "split": "test", "datasets": {"reasoning": {"ppl": 12.345, "accuracy": 0.125}}},
+    )
+    text = _write(tmp_path, small_spec(), lambda c: (9.0, 9.0)).read_text()
+    assert "| base (no adapter) | - | - | 0 | - | 12.345 | 0.125 | - |" in text
