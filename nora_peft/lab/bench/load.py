@@ -15,6 +15,8 @@
 4. **Adapter mix at one decode batch**: 32 concurrent requests all on one adapter, on 32 distinct adapters, and on
    31 r=8 adapters plus one r=256 (rank buckets: the r=8 rows do not pay for r=256), against 32 on the base; the
    decode step time is the median inter-token gap.
+5. **Rank padding** (``ranks``, no server): the adapter work of one such decode step with the core functions,
+   padded to one r=256 stack vs rank buckets.
 
 The server runs with ``OMP_NUM_THREADS=--threads`` (default 1) and ``--load-dtype``; every setting and the machine's
 load average go into the JSON next to the numbers.
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-adapters", type=int, default=None, help="load: distinct adapters, 8-32 (16)")
     parser.add_argument("--load-dtype", default="auto", help="load: server and generate dtype (auto: bfloat16 on CPU)")
     parser.add_argument("--load-policies", default="continuous,wave", help="load: scheduler policies to compare")
-    parser.add_argument("--load-parts", default="open,throughput,mix", help="load: which parts to run")
+    parser.add_argument("--load-parts", default="open,throughput,mix,ranks", help="load: which parts to run")
     parser.add_argument("--load-max-batch", type=int, default=32, help="load: the server's --max-batch-size")
 
 
@@ -375,6 +377,44 @@ def adapter_mix(setup: Setup, *, new_tokens: int, rows: int = 32) -> list[dict[s
     return out
 
 
+def rank_padding(*, rows: int = 32, big_rank: int = 256, blocks: int = 30, repeats: int = 5) -> dict[str, Any]:
+    """Adapter work of one decode step (core ``nora_peft.mixed``, no model): ``rows - 1`` r=8 rows and one
+    r=``big_rank`` row, padded to one stack vs rank buckets; ms of CPU time per step over ``blocks`` blocks of the
+    seven smollm2-135m linear shapes (layers narrower than ``big_rank`` get an r=8 adapter)."""
+    from ...mixed import mixed_delta, plan_segments, segmented_delta, stack_adapters
+
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for k, d in shapes:
+        adapters = [(f"a{i}", torch.randn(8, k, generator=g), torch.randn(d, 8, generator=g), 1.0, "silu")
+                    for i in range(rows - 1)]  # fmt: skip
+        r = big_rank if min(k, d) >= big_rank else 8
+        adapters.append(("big", torch.randn(r, k, generator=g), torch.randn(d, r, generator=g), 1.0, "silu"))
+        buckets = {8: stack_adapters(adapters[:-1]), big_rank: stack_adapters(adapters[-1:])}
+        layers.append((torch.randn(rows, 1, k, generator=g), stack_adapters(adapters, r_max=big_rank), buckets))
+    acts = {(8, i): "silu" for i in range(rows - 1)} | {(big_rank, 0): "silu"}
+    mixed = plan_segments([(8, i) for i in range(rows - 1)] + [(big_rank, 0)], acts)
+    small = plan_segments([(8, i % (rows - 1)) for i in range(rows)], acts)
+    index = torch.arange(rows)
+    variants = {
+        "padded": lambda: [mixed_delta(x, padded, index) for x, padded, _ in layers],
+        "buckets": lambda: [segmented_delta(x, buckets, mixed) for x, _, buckets in layers],
+        "all_r8": lambda: [segmented_delta(x, buckets, small) for x, _, buckets in layers],
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                start = time.thread_time()
+                for _ in range(blocks):
+                    fn()
+                times[name].append(1000 * (time.thread_time() - start))
+    return {"rows": rows, "big_rank": big_rank, "blocks": blocks} | {
+        f"{name}_ms": statistics.median(v) for name, v in times.items()
+    }
+
+
 def _server(setup: Setup, policy: str):
     extra = 1 if setup.big else 0
     return serve(
@@ -448,6 +488,9 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             result["open_loop"] = open_loop(setup, jobs, args.load_policies.split(","))
         if "throughput" in parts:
             result["throughput"] = throughput(setup, new_tokens=8 if q else 48, repeats=1 if q else 3)
+        if "ranks" in parts:
+            log("load ranks: one decode step's adapter work, padded vs rank buckets (CPU time)")
+            result["rank_padding"] = rank_padding(repeats=2 if q else 5, blocks=2 if q else 30)
         if "mix" in parts:
             result["adapter_mix"] = adapter_mix(setup, new_tokens=6 if q else 24, rows=4 if q else 32)
     settings["load_average_after"] = _load_average()
@@ -479,6 +522,12 @@ def print_tables(results: dict[str, Any]) -> None:
         for r in load["throughput"]:
             print(f"| {r['concurrent']} | {r['serve_mixed_tok_s']:.1f} | {r['generate_base_tok_s']:.1f} | "
                   f"{r['ratio']:.2f} |")  # fmt: skip
+    if "rank_padding" in load:
+        r = load["rank_padding"]
+        print(
+            f"\nadapter work per decode step ({r['rows'] - 1} r=8 rows + 1 r={r['big_rank']}): padded "
+            f"{r['padded_ms']:.1f} ms, rank buckets {r['buckets_ms']:.1f} ms (all r=8: {r['all_r8_ms']:.1f} ms)"
+        )
     if "adapter_mix" in load:
         steps: dict[str, list[float]] = {}
         for r in load["adapter_mix"]:
