@@ -143,8 +143,8 @@ def main(args: argparse.Namespace) -> int:
     if jobs > 1:
         if args.shard:
             raise SystemExit("nora study: use either --jobs or --shard, not both.")
-        if spec.probe and probe.resolve(spec, out) is None:  # phase 1: the probe cells, sharded; then the choice
-            rc = _run_jobs(args, out, jobs, ("--probe-only",))
+        while spec.probe and probe.resolve(spec, out) is None:  # phase 1: the probe cells, sharded (again when an
+            rc = _run_jobs(args, out, jobs, ("--probe-only",))  # edge extension adds cells); then the choice
             if rc:
                 return rc
         spec = probe.run_probe(spec, out) if spec.probe else spec

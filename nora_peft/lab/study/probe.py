@@ -5,6 +5,10 @@ perplexity alone (no generation, no test split, no analysis). The best lr per me
 perplexity over the datasets, ties to the smaller lr -- is then the only lr of every final cell of that method (all
 ranks, seeds and ablation variants). A run that diverges (NaN/inf loss) scores as the worst.
 
+A best lr at the edge of its grid means the grid did not bracket the optimum, and that method would be under-tuned:
+the grid is then extended one step past that edge (by the ratio of its last two points), up to
+``MAX_EXTENSIONS`` times per method, and probed again. Every method is treated the same way.
+
 Files: the probe cells live in ``<out>/probe/`` (their own ``results.jsonl``, resumable like any study); the choice is
 written to ``<out>/probe.json``. The final cells' ids carry the chosen lr, so a resumed study reuses them.
 """
@@ -22,18 +26,62 @@ from typing import Any
 
 from ..io import write_json_atomic
 from .results import read_results
-from .spec import Ablations, Cell, StudySpec, expand_cells
+from .spec import Ablations, Cell, StudySpec, expand_cells, shard_cells
 
 PROBE_DIR = "probe"
 PROBE_FILE = "probe.json"
+MAX_EXTENSIONS = 2
 
 
-def probe_spec(spec: StudySpec) -> StudySpec:
+def _rows(out_dir: str | Path | None) -> dict[str, dict[str, Any]]:
+    return {} if out_dir is None else {r["cell_id"]: r for r in read_results(Path(out_dir) / PROBE_DIR)}
+
+
+def probe_grid(spec: StudySpec, out_dir: str | Path | None = None) -> dict[str, list[float]]:
+    """Each method's probe grid: the spec's, extended past an edge while the finished probe cells put the best lr
+    there (deterministic in the results, so every shard computes the same grid)."""
+    rows = _rows(out_dir)
+    grid = {m: sorted(float(x) for x in spec.lr[m]) for m in spec.methods}
+    for method in spec.methods:
+        for _ in range(MAX_EXTENSIONS):
+            scores = _scores(spec, method, grid[method], rows)
+            if scores is None or len(grid[method]) < 2:
+                break
+            lrs = sorted(grid[method])
+            best = _best(scores)
+            if best == lrs[-1]:
+                grid[method].append(float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}"))
+            elif best == lrs[0]:
+                grid[method].insert(0, float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}"))
+            else:
+                break
+    return grid
+
+
+def _scores(spec: StudySpec, method: str, lrs: list[float], rows: dict) -> dict[float, float] | None:
+    """Mean log validation PPL per lr of ``method`` over the probe cells, or ``None`` while one is missing."""
+    cells = [c for c in expand_cells(probe_spec(spec, {method: lrs})) if c.method == method]
+    if any(c.cell_id not in rows for c in cells):
+        return None
+    per_lr: dict[float, list[float]] = defaultdict(list)
+    for c in cells:
+        per_lr[c.lr].append(_score(rows[c.cell_id]))
+    return {lr: sum(v) / len(v) for lr, v in per_lr.items()}
+
+
+def _best(scores: dict[float, float]) -> float:
+    return min(scores, key=lambda lr: (scores[lr], lr))
+
+
+def probe_spec(spec: StudySpec, grid: dict[str, list[float]] | None = None) -> StudySpec:
     """The probe cells as a study: every method x lr at the probe's rank and seed, a short budget, val PPL only."""
     p = spec.probe
     steps = int(p["max_steps"])
+    grid = grid or {m: list(spec.lr[m]) for m in spec.methods}
     return replace(
         spec,
+        methods=[m for m in spec.methods if m in grid],
+        lr={m: list(g) for m, g in grid.items()},
         ranks=[int(p["rank"])],
         method_ranks={},
         seeds=[int(p["seed"])],
@@ -45,8 +93,9 @@ def probe_spec(spec: StudySpec) -> StudySpec:
     )
 
 
-def probe_cells(spec: StudySpec) -> list[Cell]:
-    return expand_cells(probe_spec(spec))
+def probe_cells(spec: StudySpec, out_dir: str | Path | None = None) -> list[Cell]:
+    """The probe cells to run now: the spec's grids, plus the edge extensions the results so far call for."""
+    return expand_cells(probe_spec(spec, probe_grid(spec, out_dir)))
 
 
 def _score(row: dict[str, Any]) -> float:
@@ -55,18 +104,15 @@ def _score(row: dict[str, Any]) -> float:
 
 
 def chosen_lrs(spec: StudySpec, out_dir: str | Path) -> dict[str, float] | None:
-    """The best lr per method once every probe cell has a row, else ``None``."""
-    rows = {r["cell_id"]: r for r in read_results(Path(out_dir) / PROBE_DIR)}
-    cells = probe_cells(spec)
-    if any(c.cell_id not in rows for c in cells):
-        return None
+    """The best lr per method once every probe cell (extensions included) has a row, else ``None``."""
+    rows = _rows(out_dir)
+    grid = probe_grid(spec, out_dir)
     chosen = {}
     for method in spec.methods:
-        scores: dict[float, list[float]] = defaultdict(list)
-        for c in cells:
-            if c.method == method:
-                scores[c.lr].append(_score(rows[c.cell_id]))
-        chosen[method] = min(scores, key=lambda lr: (sum(scores[lr]) / len(scores[lr]), lr))
+        scores = _scores(spec, method, grid[method], rows)
+        if scores is None:
+            return None
+        chosen[method] = _best(scores)
     return chosen
 
 
@@ -97,9 +143,15 @@ def run_probe(
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
-    run_study(probe_spec(spec), out_dir / PROBE_DIR, shard=shard, log=log, splits=("validation",), diverged_ok=True)
     told = False
     while (lrs := chosen_lrs(spec, out_dir)) is None:
+        cells = probe_cells(spec, out_dir)
+        mine = set(c.cell_id for c in shard_cells(cells, shard))
+        done = set(_rows(out_dir))
+        if mine - done:  # this shard's share of the current grid (an edge extension adds cells)
+            final = probe_spec(spec, probe_grid(spec, out_dir))
+            run_study(final, out_dir / PROBE_DIR, shard=shard, log=log, splits=("validation",), diverged_ok=True)
+            continue
         if not wait:
             return None
         if not told:
@@ -108,6 +160,7 @@ def run_probe(
         time.sleep(15)
     rows = sorted(read_results(out_dir / PROBE_DIR), key=lambda r: (r["method"], r["lr"]))
     table = [{k: r.get(k) for k in ("method", "r", "lr", "seed", "val_ppl", "diverged")} for r in rows]
-    write_json_atomic(out_dir / PROBE_FILE, {"settings": spec.probe, "chosen": lrs, "cells": table})
+    grid = probe_grid(spec, out_dir)
+    write_json_atomic(out_dir / PROBE_FILE, {"settings": spec.probe, "grid": grid, "chosen": lrs, "cells": table})
     log("lr probe: chosen " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
     return with_lrs(spec, lrs)

@@ -41,17 +41,52 @@ def test_probe_cells_are_each_method_and_lr_at_one_rank_and_seed():
     assert probe.probe_spec(spec).train["max_steps"] == 3 and not probe.probe_spec(spec).eval_settings()["generate"]
 
 
+GRID3 = {"lora": [1e-3, 3e-3, 3e-2], "nora": [1e-3, 3e-3, 3e-2]}
+
+
 def test_choice_is_lowest_validation_perplexity_and_divergence_loses(tmp_path):
-    spec = parse_spec(probe_spec_raw())
+    spec = parse_spec(probe_spec_raw(lr=GRID3))
     assert probe.chosen_lrs(spec, tmp_path) is None and probe.resolve(spec, tmp_path) is None
-    ppl = {("lora", 1e-3): 9.0, ("lora", 3e-2): 7.0, ("nora", 1e-3): 8.0, ("nora", 3e-2): None}  # None: diverged
+    ppl = {("lora", 1e-3): 9.0, ("lora", 3e-3): 7.0, ("lora", 3e-2): 8.0}
+    ppl |= {("nora", 1e-3): 8.5, ("nora", 3e-3): 8.0, ("nora", 3e-2): None}  # None: diverged
     for c in probe.probe_cells(spec):
         append_result(tmp_path / probe.PROBE_DIR, {**c.describe(), "val_ppl": ppl[(c.method, c.lr)]})
-    assert probe.chosen_lrs(spec, tmp_path) == {"lora": 3e-2, "nora": 1e-3}
+    assert probe.probe_grid(spec, tmp_path) == GRID3  # both optima bracketed: no extension
+    assert probe.chosen_lrs(spec, tmp_path) == {"lora": 3e-3, "nora": 3e-3}
     final = probe.resolve(spec, tmp_path)
     got = sorted((c.method, c.r, c.seed, c.lr) for c in expand_cells(final))
-    assert got == [("lora", r, s, 3e-2) for r in (1, 4) for s in (0, 1)] + [("nora", 1, s, 1e-3) for s in (0, 1)]
+    assert got == [("lora", r, s, 3e-3) for r in (1, 4) for s in (0, 1)] + [("nora", 1, s, 3e-3) for s in (0, 1)]
     assert final.fingerprint() == spec.fingerprint()  # resuming the final cells is allowed
+
+
+def test_best_lr_at_an_edge_extends_the_grid_past_it(tmp_path):
+    """LoRA's best at the top of its grid adds 0.3 (= 3e-2 * 3e-2 / 3e-3), then (best again) 3.0; NoRA's best inside
+    its grid adds nothing. The choice waits for the extension cells; past MAX_EXTENSIONS the grid stops growing."""
+    spec = parse_spec(probe_spec_raw(lr=GRID3))
+    ppl = {("lora", 1e-3): 9.0, ("lora", 3e-3): 8.0, ("lora", 3e-2): 7.0}
+    ppl |= {("nora", 1e-3): 8.5, ("nora", 3e-3): 8.0, ("nora", 3e-2): 8.2}
+
+    def finish_missing():
+        for c in probe.probe_cells(spec, tmp_path):
+            if (c.method, c.lr) in ppl and c.cell_id not in {r["cell_id"] for r in _rows(tmp_path)}:
+                append_result(tmp_path / probe.PROBE_DIR, {**c.describe(), "val_ppl": ppl[(c.method, c.lr)]})
+
+    finish_missing()
+    assert probe.probe_grid(spec, tmp_path) == {"lora": [1e-3, 3e-3, 3e-2, 0.3], "nora": GRID3["nora"]}
+    assert probe.chosen_lrs(spec, tmp_path) is None  # lora at 0.3 is not probed yet
+    ppl[("lora", 0.3)] = 6.5
+    finish_missing()
+    assert probe.probe_grid(spec, tmp_path)["lora"] == [1e-3, 3e-3, 3e-2, 0.3, 3.0]
+    ppl[("lora", 3.0)] = 6.0  # still best at the edge, but MAX_EXTENSIONS (2) is reached
+    finish_missing()
+    assert probe.probe_grid(spec, tmp_path)["lora"] == [1e-3, 3e-3, 3e-2, 0.3, 3.0]
+    assert probe.chosen_lrs(spec, tmp_path) == {"lora": 3.0, "nora": 3e-3}
+
+
+def _rows(out):
+    from nora_peft.lab.study.results import read_results
+
+    return read_results(out / probe.PROBE_DIR)
 
 
 def test_probe_spec_errors_name_the_fix():
@@ -78,12 +113,13 @@ def test_tiny_probe_study_end_to_end(tmp_path, default_base_path, one_thread):
     add_arguments(parser)
     out = tmp_path / "out"
     assert study_main(parser.parse_args([str(spec_path), "--out", str(out), "--jobs", "1", "--no-report"])) == 0
-    chosen = read_json(out / probe.PROBE_FILE)["chosen"]
-    assert set(chosen) == {"lora", "nora"} and all(lr in (1e-3, 3e-2) for lr in chosen.values())
+    record = read_json(out / probe.PROBE_FILE)
+    chosen, grid = record["chosen"], record["grid"]  # a 2-point grid's best is at an edge: extended at least once
+    assert set(chosen) == {"lora", "nora"} and all(chosen[m] in grid[m] and len(grid[m]) >= 3 for m in chosen)
     rows = [r for r in (out / "results.jsonl").read_text().splitlines() if r]
     assert len(rows) == 6  # lora r=1,4 + nora r=1, 2 seeds each
-    probe_rows = read_json(out / probe.PROBE_FILE)["cells"]
-    assert len(probe_rows) == 4 and all(math.isfinite(r["val_ppl"]) for r in probe_rows)
+    probe_rows = record["cells"]
+    assert len(probe_rows) == sum(map(len, grid.values())) and all(math.isfinite(r["val_ppl"]) for r in probe_rows)
     reference = read_json(out / "base_reference.json")["datasets"]["arith"]  # the base alone, same test records
     assert reference["n"] == 6 and math.isfinite(reference["ppl"])
     mtimes = sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json"))
