@@ -385,3 +385,17 @@ def test_bf16_autocast_loss_curve_follows_fp32(tiny_model, tmp_path):
     for a, b in zip(curves["fp32"], curves["bf16"]):
         assert abs(a - b) <= 0.02 * abs(a), curves
     assert curves["bf16"] != curves["fp32"]  # autocast really ran in bf16
+
+
+def test_help_shows_the_dataclass_defaults():
+    """The defaults in `nora train --help` come from TrainConfig itself (no second copy to drift)."""
+    import argparse
+
+    from nora_peft.lab.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    cfg = TrainConfig()
+    assert helps["--lr"].endswith(f"(default: {cfg.lr})") and helps["--r"].endswith(f"(default: {cfg.adapter.r})")
+    assert helps["--batch-size"].endswith(f"(default: {cfg.batch_size})")

@@ -200,6 +200,34 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
         _fail(where, f"unknown key(s) {sorted(unknown)}", f"Valid keys: {sorted(_TOP_KEYS)}.")
     if not raw.get("name"):
         _fail(where, "has no 'name'", "Add `name: my-study` (used for the default output dir).")
+    datasets = _parse_datasets(raw, where)
+    methods, ranks, seeds = _parse_sweep(raw, where)
+    adapter = _parse_adapter(raw, where)
+    ablations = _parse_ablations(raw, methods, adapter, where)
+    spec = StudySpec(
+        name=str(raw["name"]),
+        model=raw.get("model"),
+        datasets=datasets,
+        methods=methods,
+        ranks=ranks,
+        method_ranks=_method_ranks(raw, methods, ranks, where),
+        seeds=seeds,
+        lr=_parse_lr(raw, methods, ranks, ablations, where),
+        adapter=adapter,
+        ablations=ablations,
+        train=dict(raw.get("train") or {}),
+        eval=dict(raw.get("eval") or {}),
+        latency=dict(raw.get("latency") or {}),
+        verdict=dict(raw.get("verdict") or {}),
+        probe=dict(raw.get("probe") or {}),
+        notes=list(raw.get("notes") or []),
+        description=str(raw.get("description") or ""),
+    )
+    _check_spec(spec, where)
+    return spec
+
+
+def _parse_datasets(raw: dict[str, Any], where: str) -> list[Dataset]:
     datasets = []
     for i, d in enumerate(raw.get("datasets") or []):
         if isinstance(d, str):
@@ -213,6 +241,11 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
         _fail(where, "lists no datasets", "Add `datasets: [reasoning]` (or gsm8k, slimorca, mathinstruct, a file).")
     if len({d.name for d in datasets}) != len(datasets):
         _fail(where, "has two datasets with the same name", "Give each dataset a distinct `name`.")
+    return datasets
+
+
+def _parse_sweep(raw: dict[str, Any], where: str) -> tuple[list[str], list[int], list[int]]:
+    """``(methods, ranks, seeds)`` of the main sweep."""
     methods = list(raw.get("methods") or ["lora", "rslora", "nora"])
     for m in methods:
         if m not in METHODS:
@@ -223,6 +256,10 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
     seeds = [int(s) for s in raw.get("seeds") or [0]]
     if len(set(seeds)) != len(seeds):
         _fail(where, f"seeds {seeds} repeat", "List each seed once.")
+    return methods, ranks, seeds
+
+
+def _parse_adapter(raw: dict[str, Any], where: str) -> dict[str, Any]:
     adapter = dict(raw.get("adapter") or {})
     bad = set(adapter) - {"dropout", "alpha", "target_modules", "extra"}
     if bad:
@@ -231,6 +268,10 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
             f"adapter has key(s) {sorted(bad)} that are not shared by every method",
             "Put NoRA-only knobs (activation, granularity, scaling) under ablations.variants.",
         )
+    return adapter
+
+
+def _parse_ablations(raw: dict[str, Any], methods: list[str], adapter: dict[str, Any], where: str) -> Ablations:
     abl_raw = raw.get("ablations") or {}
     ablations = Ablations(rank=abl_raw.get("rank"), variants=dict(abl_raw.get("variants") or {}))
     if ablations.variants:
@@ -242,10 +283,16 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
             if not isinstance(knobs, dict) or set(knobs) - set(ABLATION_KNOBS):
                 _fail(where, f"ablation variant {name!r} = {knobs!r}", f"Use a mapping of knobs from {ABLATION_KNOBS}.")
             AdapterSpec(method="nora", r=int(ablations.rank), **{**adapter, **knobs})  # validates values
+    return ablations
+
+
+def _parse_lr(
+    raw: dict[str, Any], methods: list[str], ranks: list[int], ablations: Ablations, where: str
+) -> dict[str, list[float] | dict[int, list[float]]]:
+    """One lr grid per method, or a grid per rank (e.g. rsLoRA's alpha/sqrt(r) scale moves its best lr with r)."""
     lr_raw = raw.get("lr") or {}
     if isinstance(lr_raw, (int, float, list)):
         lr_raw = {m: lr_raw for m in methods}
-    lr: dict[str, list[float] | dict[int, list[float]]] = {}
 
     def _grid(m: str, grid: Any) -> list[float]:
         grid = [float(x) for x in (grid if isinstance(grid, list) else [grid])]
@@ -253,41 +300,28 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
             _fail(where, f"lr grid of {m!r} is {grid}", "Use positive learning rates.")
         return grid
 
+    lr: dict[str, list[float] | dict[int, list[float]]] = {}
     for m in methods:
         grid = lr_raw.get(m, lr_raw.get("default"))
         if grid is None:
             _fail(where, f"has no learning-rate grid for method {m!r}", f"Add `lr: {{{m}: [1e-4, 3e-4]}}`.")
-        if isinstance(grid, dict):  # a grid per rank, e.g. rsLoRA's alpha/sqrt(r) scale moves its best lr with r
-            per_rank = {int(r): _grid(m, g) for r, g in grid.items()}
-            needed = set(ranks) | ({int(ablations.rank)} if m == "nora" and ablations.variants else set())
-            if needed - set(per_rank):
-                _fail(
-                    where,
-                    f"lr grid of {m!r} has no entry for rank(s) {sorted(needed - set(per_rank))}",
-                    f"Give a list for every rank in {sorted(needed)}, or one list for all ranks.",
-                )
-            lr[m] = per_rank
-        else:
+        if not isinstance(grid, dict):
             lr[m] = _grid(m, grid)
-    spec = StudySpec(
-        name=str(raw["name"]),
-        model=raw.get("model"),
-        datasets=datasets,
-        methods=methods,
-        ranks=ranks,
-        method_ranks=_method_ranks(raw, methods, ranks, where),
-        seeds=seeds,
-        lr=lr,
-        adapter=adapter,
-        ablations=ablations,
-        train=dict(raw.get("train") or {}),
-        eval=dict(raw.get("eval") or {}),
-        latency=dict(raw.get("latency") or {}),
-        verdict=dict(raw.get("verdict") or {}),
-        probe=dict(raw.get("probe") or {}),
-        notes=list(raw.get("notes") or []),
-        description=str(raw.get("description") or ""),
-    )
+            continue
+        per_rank = {int(r): _grid(m, g) for r, g in grid.items()}
+        needed = set(ranks) | ({int(ablations.rank)} if m == "nora" and ablations.variants else set())
+        if needed - set(per_rank):
+            _fail(
+                where,
+                f"lr grid of {m!r} has no entry for rank(s) {sorted(needed - set(per_rank))}",
+                f"Give a list for every rank in {sorted(needed)}, or one list for all ranks.",
+            )
+        lr[m] = per_rank
+    return lr
+
+
+def _check_spec(spec: StudySpec, where: str) -> None:
+    """Checks across keys: per-cell train fields, eval keys, the probe, the verdict's ranks."""
     for key in ("adapter", "output_dir", "lr", "seed", "data", "data_options", "model"):
         if key in spec.train:
             _fail(where, f"train.{key} is set per cell by the study", f"Remove train.{key}; use the spec's top level.")
@@ -297,9 +331,8 @@ def parse_spec(raw: dict[str, Any], where: str = "<spec>") -> StudySpec:
     _check_probe(spec, where)
     nora_r, lora_r = spec.verdict_ranks()
     for r in (nora_r, lora_r):
-        if r not in ranks:
-            _fail(where, f"verdict rank {r} is not among ranks {ranks}", "Fix verdict.nora_rank / verdict.lora_rank.")
-    return spec
+        if r not in spec.ranks:
+            _fail(where, f"verdict rank {r} is not among ranks {spec.ranks}", "Fix verdict.nora_rank / lora_rank.")
 
 
 def _method_ranks(raw: dict[str, Any], methods: list[str], ranks: list[int], where: str) -> dict[str, list[int]]:

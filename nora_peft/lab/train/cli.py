@@ -62,34 +62,34 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data-options": ("data_options", dict(type=_mapping, help="extra load_source options: KEY=VALUE,... or JSON")),
     "--field-map": ("field_map", dict(type=_mapping, help="record field -> column: prompt=question,response=answer")),
     "--output-dir": ("output_dir", dict(help="run dir (default: runs/<data>-<label>-s<seed>)")),
-    "--method": ("adapter.method", dict(choices=METHODS, help="adapter method (default nora)")),
-    "--r": ("adapter.r", dict(type=int, help="rank (default 8)")),
+    "--method": ("adapter.method", dict(choices=METHODS, help="adapter method")),
+    "--r": ("adapter.r", dict(type=int, help="rank")),
     "--alpha": ("adapter.alpha", dict(type=float, help="scaling numerator (default 2*r)")),
-    "--dropout": ("adapter.dropout", dict(type=float, help="adapter dropout (default 0.05)")),
-    "--activation": ("adapter.activation", dict(help="NoRA activation: silu (default), relu, gelu, tanh, identity")),
+    "--dropout": ("adapter.dropout", dict(type=float, help="adapter dropout")),
+    "--activation": ("adapter.activation", dict(help="NoRA activation: silu, relu, gelu, tanh, identity")),
     "--granularity": ("adapter.granularity", dict(choices=("weight", "module"), help="NoRA granularity")),
-    "--scaling": ("adapter.scaling", dict(type=_scaling, help="NoRA scaling: alpha/r (default), rslora or a number")),
+    "--scaling": ("adapter.scaling", dict(type=_scaling, help="NoRA scaling: alpha/r, rslora or a number")),
     "--target-modules": ("adapter.target_modules", dict(type=_targets, help="comma list, regex or all-linear")),
-    "--lr": ("lr", dict(type=float, help="peak learning rate (default 2e-4)")),
+    "--lr": ("lr", dict(type=float, help="peak learning rate")),
     "--epochs": ("epochs", dict(type=float, help="epochs when --max-steps is -1")),
-    "--max-steps": ("max_steps", dict(type=int, help="optimizer steps; overrides --epochs (default -1: use --epochs)")),
-    "--batch-size": ("batch_size", dict(type=int, help="per-device batch size (default 8)")),
-    "--grad-accum": ("grad_accum", dict(type=int, help="gradient accumulation steps (default 1)")),
-    "--max-length": ("max_length", dict(type=int, help="max tokens of prompt + response (default 256)")),
-    "--warmup-ratio": ("warmup_ratio", dict(type=float, help="linear warmup fraction (default 0.05)")),
-    "--lr-scheduler": ("lr_scheduler", dict(help="transformers scheduler name (default cosine)")),
-    "--weight-decay": ("weight_decay", dict(type=float, help="AdamW weight decay (default 0)")),
-    "--max-grad-norm": ("max_grad_norm", dict(type=float, help="gradient clipping (default 1.0; 0: off)")),
+    "--max-steps": ("max_steps", dict(type=int, help="optimizer steps; overrides --epochs (-1: use --epochs)")),
+    "--batch-size": ("batch_size", dict(type=int, help="per-device batch size")),
+    "--grad-accum": ("grad_accum", dict(type=int, help="gradient accumulation steps")),
+    "--max-length": ("max_length", dict(type=int, help="max tokens of prompt + response")),
+    "--warmup-ratio": ("warmup_ratio", dict(type=float, help="linear warmup fraction")),
+    "--lr-scheduler": ("lr_scheduler", dict(help="transformers scheduler name")),
+    "--weight-decay": ("weight_decay", dict(type=float, help="AdamW weight decay")),
+    "--max-grad-norm": ("max_grad_norm", dict(type=float, help="gradient clipping (0: off)")),
     "--gradient-checkpointing": ("gradient_checkpointing", dict(action=argparse.BooleanOptionalAction)),
-    "--seed": ("seed", dict(type=int, help="adapter init / dropout seed (default 0)")),
-    "--data-seed": ("data_seed", dict(type=int, help="splits and data order seed (default 0)")),
-    "--val-size": ("val_size", dict(type=float, help="validation fraction when the source has none (default 0.1)")),
-    "--test-size": ("test_size", dict(type=float, help="test fraction when the source has none (default 0.1)")),
+    "--seed": ("seed", dict(type=int, help="adapter init / dropout seed")),
+    "--data-seed": ("data_seed", dict(type=int, help="splits and data order seed")),
+    "--val-size": ("val_size", dict(type=float, help="validation fraction (or count) when the source has none")),
+    "--test-size": ("test_size", dict(type=float, help="test fraction (or count) when the source has none")),
     "--max-train-examples": ("max_train_examples", dict(type=_optional_int, help="cap the train split")),
-    "--save-steps": ("save_steps", dict(type=int, help="checkpoint every N steps (default 50)")),
-    "--save-total-limit": ("save_total_limit", dict(type=_optional_int, help="checkpoints kept (default 2)")),
-    "--logging-steps": ("logging_steps", dict(type=int, help="log every N steps (default 10)")),
-    "--eval-steps": ("eval_steps", dict(type=_optional_int, help="validation loss every N steps (default: none)")),
+    "--save-steps": ("save_steps", dict(type=int, help="checkpoint every N steps")),
+    "--save-total-limit": ("save_total_limit", dict(type=_optional_int, help="checkpoints kept (none: all)")),
+    "--logging-steps": ("logging_steps", dict(type=int, help="log every N steps")),
+    "--eval-steps": ("eval_steps", dict(type=_optional_int, help="validation loss every N steps (none: never)")),
     "--resume": ("resume", dict(action=argparse.BooleanOptionalAction, help="continue from the last checkpoint")),
     "--overwrite": ("overwrite", dict(action=argparse.BooleanOptionalAction, help="delete a previous run here")),
     "--precision": (
@@ -98,9 +98,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "--group-by-length": (
         "group_by_length",
-        dict(action=argparse.BooleanOptionalAction, help="batches of similar length: less padding (default off)"),
+        dict(action=argparse.BooleanOptionalAction, help="batches of similar length: less padding"),
     ),
-    "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bar (default on)")),
+    "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bar")),
 }
 
 
@@ -109,7 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)"
     )
-    for flag, (_, kwargs) in FLAGS.items():
+    defaults = TrainConfig().to_dict()
+    for flag, (name, kwargs) in FLAGS.items():
+        value = defaults["adapter"][name[8:]] if name.startswith("adapter.") else defaults[name]
+        kwargs = dict(kwargs)
+        if value not in (None, "", {}):  # the default shown is the dataclass's own, never a second copy of it
+            kwargs["help"] = f"{kwargs.get('help', '')} (default: {value})".strip()
         parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
 
