@@ -59,3 +59,44 @@ def test_import_graph_runs_from_application_to_core():
         ):
             offenders.append(str(path))
     assert offenders == []
+
+
+def test_no_import_cycles_between_modules():
+    """The module import graph of nora_peft (top-level and lazy imports alike) has no cycle."""
+    import ast
+    from pathlib import Path
+
+    import nora_peft
+
+    root = Path(nora_peft.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("nora_peft", *path.relative_to(root).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    graph = {}
+    for name, (path, is_pkg) in modules.items():
+        package = name.split(".") if is_pkg else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [f"{target}.{a.name}" for a in node.names]
+                targets |= {t for t in [target, *names] if t in modules and t != name}
+        graph[name] = {t for t in targets if not name.startswith(t + ".")}  # a module's own package __init__ is fine
+    seen, stack = set(), []
+
+    def visit(node):
+        if node in stack:
+            raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(node) :] + [node])}")
+        if node in seen:
+            return
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            visit(nxt)
+        stack.pop()
+        seen.add(node)
+
+    for module in sorted(graph):
+        visit(module)

@@ -442,7 +442,7 @@ def analyze_adapter_dir(
     ``texts`` are given. Writes ``analysis.json`` next to the adapter files."""
     from peft import PeftModel
 
-    from .base import load_model_and_tokenizer
+    from .models import load_model_and_tokenizer
 
     adapter_dir = Path(adapter_dir)
     base, tokenizer = load_model_and_tokenizer(model)

@@ -23,7 +23,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from .data.synthetic import ITEMS, NAMES
 from .io import cache_dir, write_json_atomic
@@ -209,25 +208,6 @@ def ensure_default_base(path: str | os.PathLike | None = None, *, progress: bool
                 print(f"[nora base] building the embedded default base model into {path} (once, ~1-3 min)", flush=True)
             build_base(path, progress=progress)
     return path
-
-
-def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: Any = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)``; ``None`` means the embedded default base (built on first use).
-
-    The tokenizer gets a pad token (eos) if it has none. Padding side is left as saved (right); batched generation
-    callers set ``tokenizer.padding_side = "left"`` themselves.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import resolve_model
-
-    path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model, tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .io import cache_dir, write_json_atomic
 
@@ -131,3 +132,20 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> str:
     if str(name_or_path) == SMOLLM2_NAME:
         return str(ensure_smollm2())
     return str(name_or_path)
+
+
+def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)``; ``None`` means the embedded default base (built on first use).
+
+    The tokenizer gets a pad token (eos) if it has none. Padding side is left as saved (right); batched generation
+    callers set ``tokenizer.padding_side = "left"`` themselves.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, tokenizer

@@ -34,7 +34,7 @@ def offline_chat(base, tokenizer, adapter_dir, messages) -> str:
 
 @pytest.fixture(scope="module")
 def real_server(smollm2_path, tmp_path_factory):
-    from nora_peft.lab.base import load_model_and_tokenizer
+    from nora_peft.lab.models import load_model_and_tokenizer
 
     base, tokenizer = load_model_and_tokenizer("smollm2-135m")
     adapters_dir = tmp_path_factory.mktemp("real-adapters")

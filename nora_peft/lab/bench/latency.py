@@ -4,7 +4,7 @@ The variants are built once; every *round* times prefill (one forward of ``batch
 (greedy ``generate`` of ``decode_tokens`` after a ``decode_prompt``-token prompt, KV cache) of every variant
 alternately, ``repeats`` times each, and keeps every time and the medians. A round's overhead is the median over
 repeats of the paired ratio (the variants of one repeat ran back to back); the 95% CIs are Student-t over rounds
-(``study.stats.latency_overheads``). The study's latency step stores :func:`measure_latency`'s result as
+(``lab.stats.latency_overheads``). The study's latency step stores :func:`measure_latency`'s result as
 ``latency.json``; the report only reads it.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ...methods import AdapterSpec
-from ..study.stats import latency_overheads, mean_ci
+from ..stats import latency_overheads, mean_ci
 from .harness import alternate, log, median_ms, random_ids, small_llama
 from .infer import adapter_variants, generate_fn, prefill_fn
 
@@ -97,7 +97,7 @@ def load_bench_model(name: str | None, args: argparse.Namespace, device: torch.d
     """``--model NAME`` (a named base or folder, via ``nora_peft.lab.base``) or the random-init Llama, in eval mode."""
     if not name:
         return small_llama(32 if args.quick else args.hidden, 1 if args.quick else 4, device=device)
-    from ..base import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(name)
     return model.to(device).eval()

@@ -447,8 +447,7 @@ def _load_average() -> list[float] | None:
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The section's results under the key ``load``."""
-    from ..base import load_model_and_tokenizer
-    from ..models import resolve_model
+    from ..models import load_model_and_tokenizer, resolve_model
 
     q = args.quick
     threads = args.threads or 1

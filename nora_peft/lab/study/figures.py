@@ -9,7 +9,7 @@ import numpy as np
 
 from ..io import read_json
 from ..plotting import pyplot, save
-from .stats import Stat
+from ..stats import Stat
 from .verdicts import Group, find_group
 
 

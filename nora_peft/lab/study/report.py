@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_json_atomic
+from ..stats import latency_overheads, mean_ci
 from .figures import plot_by_rank, spectral_figures
 from .results import read_base_reference, read_latency, read_results
 from .spec import StudySpec, expand_cells
-from .stats import latency_overheads, mean_ci
 from .verdicts import Group, GroupKey, Verdict, all_verdicts, capacity_matters, find_group, select_groups
 
 

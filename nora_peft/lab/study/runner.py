@@ -145,8 +145,8 @@ def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
     cells are (same records, prompts, perplexity and generation settings). Written once to ``base_reference.json``."""
     import torch
 
-    from ..base import load_model_and_tokenizer
     from ..evaluate import evaluate_records
+    from ..models import load_model_and_tokenizer
     from ..torch_utils import eval_mode
     from ..train import base_dtype, load_splits, resolve_precision
 

@@ -15,8 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..stats import Diff, Stat, compare, latency_overheads, mean_ci
 from .spec import StudySpec
-from .stats import Diff, Stat, compare, latency_overheads, mean_ci
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_TESTED = "holds", "does not hold", "inconclusive", "not tested"
 

@@ -45,7 +45,7 @@ class FinetuneRecipe:
         from transformers import set_seed
 
         from ...methods import build_peft_model, count_parameters
-        from ..base import load_model_and_tokenizer
+        from ..models import load_model_and_tokenizer
 
         cfg = self.cfg
         set_seed(cfg.seed)

@@ -50,12 +50,12 @@ def test_report_says_when_the_demo_cannot_test_a_ceiling(tmp_path):
 
 def test_report_only_reads_it_never_measures_latency(tmp_path, monkeypatch):
     """Without a stored latency.json the report says claim (5) is not tested; it loads no model and measures nothing."""
-    import nora_peft.lab.base as base
+    import nora_peft.lab.models as models
 
     def no_model(*a, **k):
         raise AssertionError("the report must not load a model")
 
-    monkeypatch.setattr(base, "load_model_and_tokenizer", no_model)
+    monkeypatch.setattr(models, "load_model_and_tokenizer", no_model)
     spec = small_spec(latency={"rank": 8, "repeats": 2, "rounds": 2})
     path = _write(tmp_path, spec, lambda c: (9.0, 9.0))
     assert not (tmp_path / "latency.json").exists()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nora_peft.lab.study.stats import compare, mean_ci, t975
+from nora_peft.lab.stats import compare, mean_ci, t975
 from nora_peft.lab.study.verdicts import FAILS, HOLDS, INCONCLUSIVE, all_verdicts, select_groups, verdict_latency
 
 from .synthetic import small_spec, synthetic_rows
@@ -153,7 +153,7 @@ def test_latency_verdicts():
 def test_latency_overhead_is_paired_per_repeat_when_times_are_stored():
     """A shared machine's load changes between repeats (x1 / x3) and once slows NoRA alone: the median of the per-repeat
     ratios (variants of a repeat ran back to back) still finds +5%; the ratio of the medians would say +110%."""
-    from nora_peft.lab.study.stats import latency_overheads
+    from nora_peft.lab.stats import latency_overheads
 
     load = [1, 3, 1, 3, 1]
     lora = [10.0 * f for f in load]
