@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from nora_peft.checkpoint import CheckpointError, check_fits_model, check_shapes, read_checkpoint, read_config
 from nora_peft.methods import AdapterSpec, build_peft_model
+from tests.adapter_files import edit_config, edit_tensors
 from tests.tiny_models import tiny_causal_lm
 
 ATTN = "model.layers.0.self_attn"
@@ -34,18 +33,6 @@ def save(base, spec: AdapterSpec, folder: Path):
     model = build_peft_model(copy.deepcopy(base), spec)
     model.save_pretrained(str(folder))
     return model
-
-
-def edit_config(folder: Path, **changes) -> None:
-    path = folder / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
-def edit_tensors(folder: Path, change) -> None:
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path))
 
 
 @pytest.mark.parametrize(

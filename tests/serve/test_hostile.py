@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from nora_peft.serve import GenRequest, Limits, create_app
+from tests.adapter_files import edit_config, edit_tensors
 from tests.serve.conftest import MAX_TOKENS, PROMPTS, ServerThread, make_engine
 
 USER, ADMIN = "user-key", "admin-key"
@@ -36,18 +36,6 @@ def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         line = next(line for line in f if line.startswith("VmRSS:"))
     return int(line.split()[1]) * 1024
-
-
-def edit_config(folder: Path, **changes) -> None:
-    path = folder / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
-def edit_tensors(folder: Path, change) -> None:
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path))
 
 
 class Hostile:

@@ -21,7 +21,7 @@ from ...methods import AdapterSpec
 from .harness import log, random_ids
 from .infer import decode_throughput
 from .latency import load_bench_model
-from .train import compare_train_steps, print_step_table
+from .train import compare_train_steps, print_step_table, step_ratios
 
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
@@ -47,7 +47,6 @@ def train_rows(
             specs = {m: AdapterSpec(method=m, r=rank, dropout=p, target_modules=targets) for m in ("lora", "nora")}
             log(f"real train {precision} r={rank} dropout={p} batch {batch_size}x{seq_len}: {repeats} repeats")
             got = compare_train_steps(model, ids, specs, repeats=repeats, warmup=1, autocast=autocast)
-            ms, mem = got["ms"], got["mem_bytes"]
             rows.append(
                 {
                     "precision": precision,
@@ -55,14 +54,7 @@ def train_rows(
                     "dropout": p,
                     "batch_size": batch_size,
                     "seq_len": seq_len,
-                    "lora_ms": ms["lora"],
-                    "nora_ms": ms["nora"],
-                    "time_ratio_nora_over_lora": ms["nora"] / ms["lora"],
-                    "time_ratio_paired_median": got["paired_ratio"],
-                    "lora_mem_bytes": mem["lora"],
-                    "nora_mem_bytes": mem["nora"],
-                    "mem_ratio_nora_over_lora": mem["nora"] / mem["lora"],
-                    "memory_measure": got["memory_measure"],
+                    **step_ratios(got),
                     "step_times_ms": got["step_times_ms"],
                 }
             )

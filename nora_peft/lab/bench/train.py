@@ -119,24 +119,31 @@ def bench_train(
             }
             log(f"train r={r} dropout={p}: timing {repeats} alternating repeats")
             got = compare_train_steps(base, ids, specs, repeats=repeats, warmup=warmup)
-            ms, mem = got["ms"], got["mem_bytes"]
             rows.append(
                 {
                     "r": r,
                     "dropout": p,
-                    "lora_ms": ms["lora"],
-                    "nora_ms": ms["nora"],
-                    "time_ratio_nora_over_lora": ms["nora"] / ms["lora"],
-                    "time_ratio_paired_median": got["paired_ratio"],
-                    "lora_mem_bytes": mem["lora"],
-                    "nora_mem_bytes": mem["nora"],
-                    "mem_ratio_nora_over_lora": mem["nora"] / mem["lora"],
-                    "memory_measure": got["memory_measure"],
+                    **step_ratios(got),
                     "lora_step_times_ms": got["step_times_ms"]["lora"],
                     "nora_step_times_ms": got["step_times_ms"]["nora"],
                 }
             )
     return rows
+
+
+def step_ratios(got: dict[str, Any]) -> dict[str, Any]:
+    """The row fields of one :func:`compare_train_steps` result: medians, memory and NoRA/LoRA ratios."""
+    ms, mem = got["ms"], got["mem_bytes"]
+    return {
+        "lora_ms": ms["lora"],
+        "nora_ms": ms["nora"],
+        "time_ratio_nora_over_lora": ms["nora"] / ms["lora"],
+        "time_ratio_paired_median": got["paired_ratio"],
+        "lora_mem_bytes": mem["lora"],
+        "nora_mem_bytes": mem["nora"],
+        "mem_ratio_nora_over_lora": mem["nora"] / mem["lora"],
+        "memory_measure": got["memory_measure"],
+    }
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
