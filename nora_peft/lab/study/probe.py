@@ -145,12 +145,10 @@ def run_probe(
     out_dir = Path(out_dir)
     told = False
     while (lrs := chosen_lrs(spec, out_dir)) is None:
-        cells = probe_cells(spec, out_dir)
-        mine = set(c.cell_id for c in shard_cells(cells, shard))
-        done = set(_rows(out_dir))
-        if mine - done:  # this shard's share of the current grid (an edge extension adds cells)
-            final = probe_spec(spec, probe_grid(spec, out_dir))
-            run_study(final, out_dir / PROBE_DIR, shard=shard, log=log, splits=("validation",), diverged_ok=True)
+        current = probe_spec(spec, probe_grid(spec, out_dir))  # the grid so far (an edge extension adds cells)
+        mine = {c.cell_id for c in shard_cells(expand_cells(current), shard)}
+        if mine - set(_rows(out_dir)):  # this shard's share of it is not finished
+            run_study(current, out_dir / PROBE_DIR, shard=shard, log=log, splits=("validation",), diverged_ok=True)
             continue
         if not wait:
             return None
