@@ -345,3 +345,36 @@ def test_cli_eval_adapter_that_does_not_fit(runs, tmp_path, capsys, method):
     assert "does not fit base model" in err and "Load it onto the base model it was trained on" in err
     assert "48" in err and "32" in err  # both shapes named
     assert "Traceback" not in err
+
+
+def test_bf16_decoding_runs_on_a_bf16_copy_and_matches_generate_on_that_copy(loaded):
+    """``precision="bf16"`` on a CPU decodes with bf16 parameters (fp32 buffers), without autocast: the same greedy
+    tokens as ``model.generate`` on a model cast that way by hand; the caller's model keeps its fp32 weights."""
+    import copy
+
+    model, tokenizer, _, splits = loaded
+    records = splits["test"][:4]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ours = ev.generate(model, tokenizer, records, max_new_tokens=10, batch_size=4, stop_at_answer=False,
+                       precision="bf16")  # fmt: skip
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    reference = copy.deepcopy(model)
+    for p in reference.parameters():
+        p.data = p.data.bfloat16()
+    assert any(b.dtype == torch.float32 for b in reference.buffers()) or not list(reference.buffers())
+    for rec, text in zip(records, ours):
+        ids = torch.tensor([ev.prompt_ids(tokenizer, [rec])[0]])
+        with torch.no_grad():
+            out = reference.generate(input_ids=ids, max_new_tokens=10, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, ids.shape[1] :].tolist()
+        new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+        assert text == tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_decode_weights_leaves_other_precisions_alone(loaded):
+    model = loaded[0]
+    assert ev.decode_weights(model, "fp32") == (model, "fp32") and ev.decode_weights(model, None) == (model, None)
+    copy, precision = ev.decode_weights(model, "bf16")
+    assert copy is not model and precision is None
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())

@@ -172,6 +172,7 @@ def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
             results[ds.name] = evaluate_records(
                 model, tokenizer, records, generate_outputs=bool(ev["generate"]), max_length=cfg.max_length,
                 batch_size=ev["batch_size"], max_generate=ev.get("max_generate"),
+                precision=resolve_precision(cfg.precision),  # as evaluate_run does for the cells
             )  # fmt: skip
     reference = {"model": spec.model or "default", "split": "test", "datasets": results}
     write_json_atomic(path, reference)

@@ -122,6 +122,8 @@ def test_tiny_probe_study_end_to_end(tmp_path, default_base_path, one_thread):
     assert len(probe_rows) == sum(map(len, grid.values())) and all(math.isfinite(r["val_ppl"]) for r in probe_rows)
     reference = read_json(out / "base_reference.json")["datasets"]["arith"]  # the base alone, same test records
     assert reference["n"] == 6 and math.isfinite(reference["ppl"])
+    cell_eval = read_json(next((out / "cells").glob("*/eval_test.json")))
+    assert reference["precision"] == cell_eval["precision"]  # evaluated as the cells are
     mtimes = sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json"))
     assert study_main(parser.parse_args([str(spec_path), "--out", str(out), "--jobs", "1", "--no-report"])) == 0
     assert sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json")) == mtimes
