@@ -18,6 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..attention import ATTENTION, use_folded_decode_attention
 from ..prompt import adds_bos
 from .errors import AdapterError
 from .layers import MultiAdapterLinear
@@ -59,6 +60,8 @@ class Engine:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if use_folded_decode_attention(self.model):  # rows of different lengths: sdpa would copy the KV cache
+            log.info("attention: %s (grouped-query decode without repeating KV heads)", ATTENTION)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.base_name = base_name

@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rank", type=int, default=None, help="latency/real: adapter rank (default per section)")
     parser.add_argument(
-        "--targets", default=None, help="latency/real: comma list of module names to adapt (default per section)"
+        "--targets", default=None, help="latency/real/load: comma list of module names to adapt (default per section)"
     )
     for name in names:
         module = section_module(name)

@@ -1,8 +1,8 @@
 """``--what load``: ``nora serve`` under open-loop load over loopback, continuous vs wave scheduling, side by side.
 
 1. **Set-up.** The base (``--model``: a named base such as ``smollm2-135m`` or a folder; default the embedded tiny
-   one) and ``--load-adapters`` random NoRA adapters (r = ``--rank``, every linear layer, random weights so each
-   one changes the output) written to a temporary folder.
+   one) and ``--load-adapters`` random NoRA adapters (r = ``--rank``, on ``--targets``, default every linear layer of
+   a block; random weights so each one changes the output) written to a temporary folder.
 2. **Open loop.** One seeded workload: Poisson arrivals at ``--load-rate`` requests/s for ``--load-duration``
    seconds (at most ``--load-requests``), prompt and output lengths drawn from a short/medium/long mix, each request
    on a random adapter (one in eight on the base). Each policy gets the *same* workload against its own
@@ -94,10 +94,13 @@ def _dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
 
 
-def write_adapters(base: torch.nn.Module, folder: Path, ranks: list[int], seed: int = 0) -> list[str]:
+def write_adapters(
+    base: torch.nn.Module, folder: Path, ranks: list[int], seed: int = 0, targets: list[str] | None = None
+) -> list[str]:
     """Random NoRA adapters of ``ranks`` in ``folder``: one peft save per rank, then fresh random tensors per adapter.
 
-    Layers whose ``min(in, out)`` is below the rank are left out (the server refuses ranks above it).
+    ``targets`` (default: every linear layer of a block) whose ``min(in, out)`` is below the rank are left out (the
+    server refuses ranks above it).
     """
     import copy
 
@@ -110,8 +113,8 @@ def write_adapters(base: torch.nn.Module, folder: Path, ranks: list[int], seed: 
     names, templates = [], {}
     for i, r in enumerate(ranks):
         if r not in templates:
-            targets = [t for t in ALL_LINEAR if widths.get(t, 0) >= r]
-            spec = AdapterSpec(method="nora", r=r, target_modules=targets, extra={"init_weights": False})
+            fit = [t for t in targets or ALL_LINEAR if widths.get(t, 0) >= r]
+            spec = AdapterSpec(method="nora", r=r, target_modules=fit, extra={"init_weights": False})
             templates[r] = folder / f"_template_r{r}"
             build_peft_model(copy.deepcopy(base), spec).save_pretrained(str(templates[r]))
         name = f"nora-r{r}-{i}"
@@ -458,20 +461,23 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model = model.to(dtype).eval()
     parts = set(args.load_parts.split(","))
     n_adapters = min(32, max(1, args.load_adapters or (4 if q else 16)))
+    targets = args.targets.split(",") if args.targets else ALL_LINEAR
     settings = {
         "model": args.model or "default",
         "dtype": str(dtype).removeprefix("torch."),
         "threads": threads,
         "adapters": n_adapters,
         "rank": args.rank or 8,
+        "targets": targets,
         "max_batch_size": args.load_max_batch,
         "load_average_before": _load_average(),
     }
     with tempfile.TemporaryDirectory(prefix="nora-load-") as tmp:
         folder = Path(tmp)
         log(f"load: writing random adapters to {folder}")
-        names = write_adapters(model.float(), folder, [args.rank or 8] * max(n_adapters, 32 if "mix" in parts else 0))
-        big = write_adapters(model, folder, [256], seed=99)[0] if "mix" in parts and not q else None
+        ranks = [args.rank or 8] * max(n_adapters, 32 if "mix" in parts else 0)
+        names = write_adapters(model.float(), folder, ranks, targets=targets)
+        big = write_adapters(model, folder, [256], seed=99, targets=targets)[0] if "mix" in parts and not q else None
         model = model.to(dtype)
         setup = Setup(base_dir, model, tokenizer, folder, names, big, settings["dtype"], threads, args.load_max_batch)
         result: dict[str, Any] = {"settings": settings}
