@@ -103,6 +103,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says (benchmarks)
 
 
 class CompletionRequest(_Sampling):
@@ -522,6 +523,7 @@ async def _generate(
         top_p=body.top_p,
         stop=stop,
         seed=body.seed,
+        ignore_eos=body.ignore_eos,
         on_event=call.on_event,
         model=body.model,
     )

@@ -61,6 +61,7 @@ class GenRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # EOS does not end the request; max_tokens and stop strings still do
     on_event: Callable[[str, Any], None] = lambda kind, payload: None
     model: str | None = None  # the name the client used (metrics label); default: the adapter or "base"
     enqueued: float = field(default_factory=time.monotonic)
@@ -469,9 +470,9 @@ class Scheduler:
         if req.first_token_at is None:
             req.first_token_at = now
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not req.ignore_eos:
             finish = "stop"
-        else:
+        else:  # with ignore_eos an EOS counts towards max_tokens; decoding skips it like any special token
             req.generated.append(token)
         text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
         for s in req.stop:

@@ -62,3 +62,18 @@ def test_single_request_path_and_lru(serve_env):
         assert sampled[0]["text"] == sampled[1]["text"]  # same seed, same sample
     finally:
         engine.stop()
+
+
+def test_ignore_eos_generates_max_tokens_past_an_eos(serve_env):
+    """vLLM's ``ignore_eos``: an EOS no longer ends the request; the tokens are those of the ordinary generation."""
+    engine = make_engine(serve_env)
+    try:
+        plain = engine.generate(PROMPTS[0], "lora-r4", max_tokens=MAX_TOKENS, temperature=0.0)
+        first = engine.tokenizer(plain["text"], add_special_tokens=False)["input_ids"][0]
+        engine.scheduler.eos_ids.add(first)  # the model's first greedy token now counts as an EOS
+        stopped = engine.generate(PROMPTS[0], "lora-r4", max_tokens=MAX_TOKENS, temperature=0.0)
+        assert stopped["finish_reason"] == "stop" and stopped["text"] == ""
+        kept = engine.generate(PROMPTS[0], "lora-r4", max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        assert kept["finish_reason"] == "length" and kept["text"] == plain["text"]
+    finally:
+        engine.stop()

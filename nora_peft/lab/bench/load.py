@@ -202,7 +202,14 @@ def server_metrics(url: str) -> dict[str, Any]:
 # -- the client ----------------------------------------------------------------------------------------------------
 async def _one(client: Any, url: str, job: Job, start: float) -> Outcome:
     out = Outcome(sent=time.perf_counter() - start)
-    body = {"model": job.model, "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0, "stream": True}
+    body = {
+        "model": job.model,
+        "prompt": job.prompt,
+        "max_tokens": job.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }  # every request generates its max_tokens, whatever its (random) adapter says
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -340,19 +347,17 @@ def throughput(setup: Setup, *, new_tokens: int, repeats: int, sizes: tuple[int,
 
 
 def _generate_rate(setup: Setup, prompt: str, batch: int, new_tokens: int) -> float:
-    """Plain greedy ``generate`` with a KV cache on the base, batch ``batch``: generated tokens (to EOS) per second."""
+    """Plain greedy ``generate`` with a KV cache on the base, batch ``batch``: generated tokens per second (exactly
+    ``new_tokens`` per row: ``min_new_tokens`` keeps EOS away, as ``ignore_eos`` does for the server's requests)."""
     tok = setup.tokenizer
     ids = tok([prompt] * batch, return_tensors="pt", add_special_tokens=not getattr(tok, "chat_template", None))
-    eos = setup.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
     with torch.inference_mode():
         start = time.perf_counter()
-        out = setup.model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = setup.model.generate(
+            **ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         wall = time.perf_counter() - start
-    tokens = 0
-    for row in out[:, ids["input_ids"].shape[1] :].tolist():
-        tokens += next((i for i, t in enumerate(row) if t in eos), len(row))
-    return tokens / wall
+    return out[:, ids["input_ids"].shape[1] :].numel() / wall
 
 
 def adapter_mix(setup: Setup, *, new_tokens: int, rows: int = 32) -> list[dict[str, Any]]:
