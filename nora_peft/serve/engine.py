@@ -24,7 +24,7 @@ from .errors import AdapterError
 from .layers import MultiAdapterLinear
 from .metrics import ServeMetrics
 from .pool import AdapterPool, check_adapter_name
-from .scheduler import GenRequest, Policy, Scheduler
+from .scheduler import GenRequest, Policy, Scheduler, StepLock
 
 __all__ = ["Engine", "GenRequest", "MultiAdapterLinear"]
 
@@ -89,7 +89,7 @@ class Engine:
             reserved={base_name},
         )
         self.registry = self.pool.registry  # every adapter a client may name
-        self.lock = threading.RLock()
+        self.lock = StepLock()
         self.metrics = self._make_metrics()
         self.scheduler = Scheduler(
             model,

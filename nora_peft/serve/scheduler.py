@@ -49,6 +49,41 @@ log = logging.getLogger("nora_peft.serve")
 Policy = Literal["continuous", "wave"]
 
 
+class StepLock:
+    """The engine's re-entrant lock: the scheduler holds it for one step at a time, adapter loads and unloads (and
+    tests) take it between steps. It counts the threads waiting for it, so the scheduler yields the CPU after a step
+    only when one is: an unconditional ``time.sleep(0)`` gives away a whole time slice whenever the machine is busy
+    (measured: 48 tokens in 1.9 s instead of 1.45 s with two other busy processes on two cores)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        with self._count:
+            self._waiting += 1
+        try:
+            return self._lock.acquire(blocking, timeout)
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def contended(self) -> bool:
+        """Whether another thread is waiting for the lock (or about to take it)."""
+        return self._waiting > 0
+
+
 @dataclass
 class GenRequest:
     """One generation request; ``on_event(kind, payload)`` receives ``("delta", str)``, then ``("done", dict)`` or
@@ -132,7 +167,7 @@ class Scheduler:
         stacks: SlotStacks,
         slot_for: Callable[[GenRequest, set[str]], int],
         metrics: ServeMetrics,
-        lock: threading.RLock,
+        lock: StepLock,
         *,
         eos_ids: set[int],
         pad_id: int,
@@ -225,7 +260,8 @@ class Scheduler:
                     self.step()
                 except Exception:  # the loop never dies; step() already failed the rows concerned
                     log.exception("scheduler step failed")
-            time.sleep(0)  # let a thread waiting for the lock (adapter load / unload) take it between steps
+            if self.lock.contended:
+                time.sleep(0)  # let the thread waiting for the lock (adapter load / unload) take it between steps
 
     def _wait_for_work(self) -> bool:
         """Block while idle; when the first request arrives, wait ``batch_wait_s`` for company."""

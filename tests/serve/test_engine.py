@@ -77,3 +77,36 @@ def test_ignore_eos_generates_max_tokens_past_an_eos(serve_env):
         assert kept["finish_reason"] == "length" and kept["text"] == plain["text"]
     finally:
         engine.stop()
+
+
+def test_step_lock_counts_waiters_and_is_reentrant():
+    from nora_peft.serve.scheduler import StepLock
+
+    lock, got = StepLock(), threading.Event()
+    assert not lock.contended
+    with lock, lock:  # re-entrant
+        waiter = threading.Thread(target=lambda: (lock.acquire(), got.set(), lock.release()))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not lock.contended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lock.contended and not got.is_set()
+    waiter.join(10)
+    assert got.is_set() and not lock.contended
+
+
+def test_a_thread_waiting_for_the_lock_gets_it_between_decode_steps(serve_env):
+    """The scheduler yields only when someone waits, but then it does: the lock is taken mid-generation."""
+    engine = make_engine(serve_env)
+    try:
+        done = threading.Event()
+        req = GenRequest(prompt_ids=engine.encode(PROMPTS[0]), adapter="lora-r4", max_tokens=50, ignore_eos=True,
+                         on_event=lambda kind, _: done.set() if kind in ("done", "error") else None)  # fmt: skip
+        engine.submit(req)
+        while not req.generated:
+            time.sleep(0.005)
+        with engine.lock:
+            assert req.finished is None and 0 < len(req.generated) < 50  # taken while the row still decodes
+        assert done.wait(120) and req.finished == "length"
+    finally:
+        engine.stop()
