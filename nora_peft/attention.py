@@ -13,10 +13,14 @@ one layer at batch 8 and 120 cached tokens: 125 us instead of 869 us on one CPU 
 token), dropout, softcapping, position biases and paged caches go to transformers' own ``sdpa_attention_forward``.
 
 :func:`use_folded_decode_attention` switches a loaded model to it (under the name :data:`ATTENTION`), registering the
-function and sdpa's mask function with transformers' ``AttentionInterface`` / ``AttentionMaskInterface``.
+function and sdpa's mask function with transformers' ``AttentionInterface`` / ``AttentionMaskInterface``;
+:func:`folded_decode_attention` does it for one block and switches back (``nora eval``'s batched generation).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -79,3 +83,16 @@ def use_folded_decode_attention(model: nn.Module) -> bool:
     register()
     model.set_attn_implementation(ATTENTION)
     return True
+
+
+@contextmanager
+def folded_decode_attention(model: nn.Module) -> Iterator[bool]:
+    """:func:`use_folded_decode_attention` for the duration of a block (e.g. a batch of generations), then the
+    model's own implementation again; yields whether it switched."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switched = use_folded_decode_attention(model)
+    try:
+        yield switched
+    finally:
+        if switched:
+            model.set_attn_implementation(before)

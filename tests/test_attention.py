@@ -95,3 +95,16 @@ def test_other_implementations_and_plain_multi_head_models_are_left_alone(attn):
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
     assert not use_folded_decode_attention(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_the_context_manager_switches_back():
+    from nora_peft.attention import folded_decode_attention
+
+    model = _tiny_gqa_model()
+    with folded_decode_attention(model) as switched:
+        assert switched and model.config._attn_implementation == ATTENTION
+    assert model.config._attn_implementation == "sdpa"
+    eager = _tiny_gqa_model("eager")
+    with folded_decode_attention(eager) as switched:
+        assert not switched
+    assert eager.config._attn_implementation == "eager"

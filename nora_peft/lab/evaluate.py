@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..attention import folded_decode_attention
 from .io import read_json, write_json_atomic
 from .torch_utils import eval_mode
 
@@ -269,7 +270,7 @@ def generate(
     prompts = prompt_ids(tokenizer, records)
     outputs: list[str] = [""] * len(prompts)
     counts = {"new_tokens": 0, "stopped_at_answer": 0, "stopped_at_eos": 0, "hit_max_new_tokens": 0}
-    with _inference(model, precision):
+    with _inference(model, precision), folded_decode_attention(model):  # left padding: sdpa would repeat KV heads
         for idx in _length_batches([len(p) for p in prompts], batch_size, "generation" if progress else None):
             chunk = [prompts[i] for i in idx]
             width = max(len(p) for p in chunk)

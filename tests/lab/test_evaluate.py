@@ -111,6 +111,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(loaded):
     batched = ev.generate(model, tokenizer, records, max_new_tokens=10, batch_size=5)
     single = [ev.generate(model, tokenizer, [r], max_new_tokens=10, batch_size=1)[0] for r in records]
     assert batched == single
+    assert model.config._attn_implementation == "sdpa"  # the folded decode attention was for the generation only
     assert tokenizer.padding_side == "right"  # left untouched for training
 
 
