@@ -39,3 +39,28 @@ def test_summarize_percentiles_errors_and_throughput():
     assert got["ttft_ms_p50"] == pytest.approx(550.0) and got["ttft_ms_p99"] == pytest.approx(991.0)
     assert got["itl_ms_p50"] == pytest.approx(20.0)
     assert got["throughput_tok_s"] == 15.0 and got["throughput_req_s"] == 5.0
+
+
+def test_random_adapters_target_what_they_are_told_and_differ(tmp_path):
+    """``write_adapters``: ``targets`` (the load bench's ``--targets``) land in each adapter's config, and every
+    adapter has its own random weights."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nora_peft.lab.bench.load import ALL_LINEAR, write_adapters
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    base = LlamaForCausalLM(config)
+    names = write_adapters(base, tmp_path / "qv", [4, 4], targets=["q_proj", "v_proj"])
+    assert len(names) == 2
+    for name in names:
+        cfg = json.loads((tmp_path / "qv" / name / "adapter_config.json").read_text())
+        assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    a, b = (load_file(str(tmp_path / "qv" / n / "adapter_model.safetensors")) for n in names)
+    assert a.keys() == b.keys() and all(not a[k].equal(b[k]) for k in a)
+    every = write_adapters(base, tmp_path / "all", [4])[0]
+    cfg = json.loads((tmp_path / "all" / every / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(ALL_LINEAR)
