@@ -318,7 +318,16 @@ def cells_section(inp: ReportInputs) -> list[str]:
         for r in sorted(inp.rows, key=lambda x: x["cell_id"])
     ]
     header = ["cell", "lr", "seed", "val PPL", "test PPL", "acc.", "params", "ER(out)", "wall s"]
-    return ["## All cells", "", "Every row of results.jsonl (selected lr or not).", "", _table(header, rows), ""]
+    walls = sorted(float(r["cell_wall_s"]) for r in inp.rows if isinstance(r.get("cell_wall_s"), (int, float)))
+    cost = []
+    if walls:
+        cost = [
+            f"Cell wall times (each cell runs on its own core): {len(walls)} cells, {sum(walls) / 3600:.2f} h in all, "
+            f"median {walls[len(walls) // 2] / 60:.1f} min. A cell finished after a resume counts only its last run.",
+            "",
+        ]
+    intro = ["## All cells", "", "Every row of results.jsonl (selected lr or not).", ""]
+    return [*intro, _table(header, rows), "", *cost]
 
 
 # ---------------------------------------------------------------------------------------------------------------

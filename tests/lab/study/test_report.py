@@ -111,3 +111,15 @@ def test_report_shows_the_base_reference_row(tmp_path):
     )
     text = _write(tmp_path, small_spec(), lambda c: (9.0, 9.0)).read_text()
     assert "| base (no adapter) | - | - | 0 | - | 12.345 | 0.125 | - |" in text
+
+
+def test_report_sums_the_cells_wall_times(tmp_path):
+    spec = small_spec()
+    rows = synthetic_rows(spec, lambda c: (10.0, 10.0))
+    for i, row in enumerate(rows):
+        row["cell_wall_s"] = 60.0 * (i + 1)
+        append_jsonl(tmp_path / "results.jsonl", row)
+    text = write_report(spec, tmp_path, log=lambda m: None).read_text()
+    n = len(rows)
+    total_h = 60.0 * n * (n + 1) / 2 / 3600
+    assert f"{n} cells, {total_h:.2f} h in all, median {(n // 2 + 1):.1f} min" in text
