@@ -72,9 +72,7 @@ def decode_weights(model: torch.nn.Module, precision: str | None) -> tuple[torch
     fp32, so one decode step of smollm2-135m spends most of its time copying (measured 333 ms vs 150 ms per step at
     batch 16 on one core). The matmuls are bf16 either way; the residual stream of the copy is bf16 too, as in any
     model loaded in bf16. The caller's model is left as it is (perplexity keeps the fp32 residual stream)."""
-    params = list(model.parameters())
-    on_cpu = bool(params) and params[0].device.type == "cpu"
-    if precision != "bf16" or not on_cpu or any(p.dtype != torch.float32 for p in params):
+    if precision != "bf16" or _device(model).type != "cpu" or any(p.dtype != torch.float32 for p in model.parameters()):
         return model, precision
     copy = deepcopy(model)  # deepcopy keeps tied weights tied, so each shared tensor is cast once
     for p in copy.parameters():
