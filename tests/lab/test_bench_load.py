@@ -64,3 +64,14 @@ def test_random_adapters_target_what_they_are_told_and_differ(tmp_path):
     every = write_adapters(base, tmp_path / "all", [4])[0]
     cfg = json.loads((tmp_path / "all" / every / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(ALL_LINEAR)
+
+
+def test_distinct_adapters_reports_the_work_and_the_read_floor_of_the_weights_it_holds():
+    from nora_peft.lab.bench.load import distinct_adapters
+
+    got = distinct_adapters(["q_proj", "v_proj"], rows=3, rank=4, blocks=2, repeats=1)
+    # 2 blocks x 3 adapters x r=4 x (576 + 576 for q_proj, 576 + 192 for v_proj) fp32 values
+    assert got["weight_mb"] == 2 * 3 * 4 * ((576 + 576) + (576 + 192)) * 4 / 1e6
+    assert got["targets"] == ["q_proj", "v_proj"] and got["rows"] == 3
+    for key in ("one_adapter_ms", "distinct_ms", "read_once_ms"):
+        assert 0 < got[key] < 10_000

@@ -16,7 +16,8 @@
    31 r=8 adapters plus one r=256 (rank buckets: the r=8 rows do not pay for r=256), against 32 on the base; the
    decode step time is the median inter-token gap.
 5. **Rank padding** (``ranks``, no server): the adapter work of one such decode step with the core functions,
-   padded to one r=256 stack vs rank buckets.
+   padded to one r=256 stack vs rank buckets; and 32 rows on one adapter vs on 32 distinct ones next to the time it
+   takes just to read the distinct adapters' weights once (the memory-bandwidth floor of any kernel).
 
 The server runs with ``OMP_NUM_THREADS=--threads`` (default 1) and ``--load-dtype``; every setting and the machine's
 load average go into the JSON next to the numbers.
@@ -37,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +54,11 @@ WORDS = (
     "why seven plus five is twelve before lunch on a sunny day in the old town"
 ).split()
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: ``(in_features, out_features)`` of smollm2-135m's seven linear layers per block (30 blocks)
+SMOLLM2_SHAPES = {
+    "q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+    "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576),
+}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -385,13 +393,19 @@ def adapter_mix(setup: Setup, *, new_tokens: int, rows: int = 32) -> list[dict[s
     return out
 
 
+def _drain(calls: Iterable[Any]) -> None:
+    """Run a generator of calls keeping no result alive, as a model's forward does: a list of one step's ~200
+    layer outputs makes the allocator map fresh pages every round (2-3x the time of the same work in a model)."""
+    deque(calls, maxlen=0)
+
+
 def rank_padding(*, rows: int = 32, big_rank: int = 256, blocks: int = 30, repeats: int = 5) -> dict[str, Any]:
     """Adapter work of one decode step (core ``nora_peft.mixed``, no model): ``rows - 1`` r=8 rows and one
     r=``big_rank`` row, padded to one stack vs rank buckets; ms of CPU time per step over ``blocks`` blocks of the
     seven smollm2-135m linear shapes (layers narrower than ``big_rank`` get an r=8 adapter)."""
     from ...mixed import mixed_delta, plan_segments, segmented_delta, stack_adapters
 
-    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    shapes = list(SMOLLM2_SHAPES.values())
     g = torch.Generator().manual_seed(0)
     layers = []
     for k, d in shapes:
@@ -406,9 +420,9 @@ def rank_padding(*, rows: int = 32, big_rank: int = 256, blocks: int = 30, repea
     small = plan_segments([(8, i % (rows - 1)) for i in range(rows)], acts)
     index = torch.arange(rows)
     variants = {
-        "padded": lambda: [mixed_delta(x, padded, index) for x, padded, _ in layers],
-        "buckets": lambda: [segmented_delta(x, buckets, mixed) for x, _, buckets in layers],
-        "all_r8": lambda: [segmented_delta(x, buckets, small) for x, _, buckets in layers],
+        "padded": lambda: _drain(mixed_delta(x, padded, index) for x, padded, _ in layers),
+        "buckets": lambda: _drain(segmented_delta(x, buckets, mixed) for x, _, buckets in layers),
+        "all_r8": lambda: _drain(segmented_delta(x, buckets, small) for x, _, buckets in layers),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
@@ -420,6 +434,46 @@ def rank_padding(*, rows: int = 32, big_rank: int = 256, blocks: int = 30, repea
                 times[name].append(1000 * (time.thread_time() - start))
     return {"rows": rows, "big_rank": big_rank, "blocks": blocks} | {
         f"{name}_ms": statistics.median(v) for name, v in times.items()
+    }
+
+
+def distinct_adapters(
+    targets: list[str], *, rows: int = 32, rank: int = 8, blocks: int = 30, repeats: int = 5
+) -> dict[str, Any]:
+    """Adapter work of one decode step of ``rows`` rows (core ``nora_peft.mixed``, no model, wall ms): every row on
+    one adapter vs ``rows`` distinct adapters, on ``blocks`` distinct blocks of smollm2-135m's ``targets`` shapes (so
+    the weights come from memory, as in a real step), next to the floor of reading those distinct adapters' weights
+    once (``torch.sum`` over each stack: no pass that reads every weight can be faster)."""
+    from ...mixed import plan_segments, segmented_delta, stack_adapters
+
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(blocks):
+        for k, d in (SMOLLM2_SHAPES[t] for t in targets):
+            adapters = [(f"a{i}", torch.randn(rank, k, generator=g), torch.randn(d, rank, generator=g), 1.0, "silu")
+                        for i in range(rows)]  # fmt: skip
+            layers.append((torch.randn(rows, 1, k, generator=g), {rank: stack_adapters(adapters)}))
+    acts = {(rank, i): "silu" for i in range(rows)}
+    one = plan_segments([(rank, 0)] * rows, acts)
+    distinct = plan_segments([(rank, i) for i in range(rows)], acts)
+    variants = {
+        "one_adapter": lambda: _drain(segmented_delta(x, stacks, one) for x, stacks in layers),
+        "distinct": lambda: _drain(segmented_delta(x, stacks, distinct) for x, stacks in layers),
+        # stack_adapters appends an all-zero slot for index -1; the floor reads the ``rows`` real ones only
+        "read_once": lambda: _drain((s.up[:rows].sum(), s.down[:rows].sum()) for _, st in layers for s in st.values()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up and is dropped
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(1000 * (time.perf_counter() - start))
+    weight_bytes = sum(
+        t[:rows].numel() * t.element_size() for _, st in layers for s in st.values() for t in (s.up, s.down)
+    )
+    return {"rows": rows, "rank": rank, "blocks": blocks, "targets": targets, "weight_mb": weight_bytes / 1e6} | {
+        f"{name}_ms": statistics.median(v[1:]) for name, v in times.items()
     }
 
 
@@ -501,6 +555,10 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         if "ranks" in parts:
             log("load ranks: one decode step's adapter work, padded vs rank buckets (CPU time)")
             result["rank_padding"] = rank_padding(repeats=2 if q else 5, blocks=2 if q else 30)
+            log(f"load ranks: {4 if q else 32} rows on one adapter vs as many distinct ones, and the read floor")
+            result["distinct_adapters"] = distinct_adapters(
+                targets, rows=4 if q else 32, blocks=2 if q else 30, repeats=2 if q else 5
+            )
         if "mix" in parts:
             result["adapter_mix"] = adapter_mix(setup, new_tokens=6 if q else 24, rows=4 if q else 32)
     settings["load_average_after"] = _load_average()
@@ -537,6 +595,13 @@ def print_tables(results: dict[str, Any]) -> None:
         print(
             f"\nadapter work per decode step ({r['rows'] - 1} r=8 rows + 1 r={r['big_rank']}): padded "
             f"{r['padded_ms']:.1f} ms, rank buckets {r['buckets_ms']:.1f} ms (all r=8: {r['all_r8_ms']:.1f} ms)"
+        )
+    if "distinct_adapters" in load:
+        r = load["distinct_adapters"]
+        print(
+            f"adapter work per decode step ({r['rows']} rows, r={r['rank']}, {r['blocks']} blocks): one adapter "
+            f"{r['one_adapter_ms']:.1f} ms, {r['rows']} distinct {r['distinct_ms']:.1f} ms; reading those "
+            f"{r['weight_mb']:.0f} MB once {r['read_once_ms']:.1f} ms"
         )
     if "adapter_mix" in load:
         steps: dict[str, list[float]] = {}
