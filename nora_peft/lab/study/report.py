@@ -112,7 +112,7 @@ def verdicts_section(inp: ReportInputs) -> list[str]:
         ok, full = capacity_matters(inp.groups, ds, spec.ranks, "lora")
         if not ok:
             md += [
-                f"> **{ds}: this demo cannot test a linear ceiling** -- LoRA's test PPL does not improve measurably "
+                f"> **{ds}: this study cannot test a linear ceiling** -- LoRA's test PPL does not improve measurably "
                 f"from r={lo} to r={hi} (gain {full.fmt() if full else 'n/a'}), so adapter capacity is not what "
                 "limits it here.",
                 "",

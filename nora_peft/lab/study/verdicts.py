@@ -137,9 +137,10 @@ def verdict_plateau(groups, ds: str, ranks: list[int]) -> list[Verdict]:
     """Claim 2: LoRA's PPL plateaus with rank (also checked for rsLoRA, whose scaling is meant to fix it).
 
     Needs capacity to matter (significant gain smallest -> largest rank), else inconclusive with the explicit
-    "this demo cannot test a linear ceiling". With ``share = gain of the last rank step / gain over all ranks``:
-    holds when the last step's gain is confidently below a quarter of the total (CI upper bound < 0.25 x total
-    gain; log-linear scaling over evenly spaced ranks would give a half); does not hold when it is confidently above
+    "this study cannot test a linear ceiling" (saying whether the PPL got worse). With ``share = gain of the last
+    rank step / gain over all ranks``: holds when the last step's gain is confidently below a quarter of the total
+    (CI upper bound < 0.25 x total gain; log-linear scaling over evenly spaced ranks would give a half); does not hold
+    when it is confidently above
     a quarter; otherwise inconclusive."""
     ranks = sorted(ranks)
     out = []
@@ -160,9 +161,12 @@ def verdict_plateau(groups, ds: str, ranks: list[int]) -> list[Verdict]:
         )
         if not ok:
             v = INCONCLUSIVE
+            worse = full is not None and full.known and full.hi < 0
+            change = "gets worse" if worse else "does not improve measurably"
             ev += (
-                f". {method}'s PPL does not improve measurably from r={ranks[0]} to r={ranks[-1]}: this demo cannot "
-                "test a linear ceiling"
+                f". {method}'s PPL {change} from r={ranks[0]} to r={ranks[-1]}"
+                + (" at the one lr its method uses for every rank" if worse else "")
+                + ": this study cannot test a linear ceiling"
             )
         elif top.known and top.hi < 0.25 * full.mean:
             v = HOLDS

@@ -45,7 +45,7 @@ def test_report_numbers_match_results(tmp_path):
 def test_report_says_when_the_demo_cannot_test_a_ceiling(tmp_path):
     spec = small_spec(seeds=[0, 1])
     path = _write(tmp_path, spec, lambda c: (9.0 + 0.3 * c.seed * (-1) ** c.r, 9.0 + 0.3 * c.seed * (-1) ** (c.r // 2)))
-    assert "this demo cannot test a linear ceiling" in path.read_text()
+    assert "this study cannot test a linear ceiling" in path.read_text()
 
 
 def test_report_only_reads_it_never_measures_latency(tmp_path, monkeypatch):

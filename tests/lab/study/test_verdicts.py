@@ -111,9 +111,22 @@ def test_noise_and_flat_capacity_are_inconclusive():
     assert [v.verdict for v in _find(vs, "(1)")] == [INCONCLUSIVE, INCONCLUSIVE]
     plateau = _find(vs, "(2)")
     assert all(v.verdict == INCONCLUSIVE for v in plateau)
-    assert "this demo cannot test a linear ceiling" in plateau[0].evidence
+    assert "this study cannot test a linear ceiling" in plateau[0].evidence
     assert all(v.verdict == INCONCLUSIVE for v in _find(vs, "(3)"))
     assert _find(vs, "(4)")[0].verdict == INCONCLUSIVE
+
+
+def test_a_method_that_gets_worse_with_rank_is_inconclusive_and_says_so():
+    spec = small_spec()
+
+    def ppl(c):  # rsLoRA worse at every larger rank (as at one lr for all ranks); LoRA flat
+        v = 9.0 + (0.5 * spec.ranks.index(c.r) if c.method == "rslora" else 0.0) + SEED_NOISE[c.seed] + _jitter(c)
+        return v, v
+
+    plateau = {v.claim: v for v in _find(_verdicts(spec, ppl, lambda c: 2.0), "(2)")}
+    rs, lora = plateau["(2) rslora plateaus with rank"], plateau["(2) lora plateaus with rank"]
+    assert rs.verdict == INCONCLUSIVE and "rslora's PPL gets worse from r=2 to r=32" in rs.evidence
+    assert lora.verdict == INCONCLUSIVE and "does not improve measurably" in lora.evidence
 
 
 def test_single_seed_is_inconclusive_even_for_big_gaps():
