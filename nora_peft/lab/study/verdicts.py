@@ -140,8 +140,7 @@ def verdict_plateau(groups, ds: str, ranks: list[int]) -> list[Verdict]:
     "this study cannot test a linear ceiling" (saying whether the PPL got worse). With ``share = gain of the last
     rank step / gain over all ranks``: holds when the last step's gain is confidently below a quarter of the total
     (CI upper bound < 0.25 x total gain; log-linear scaling over evenly spaced ranks would give a half); does not hold
-    when it is confidently above
-    a quarter; otherwise inconclusive."""
+    when it is confidently above a quarter; otherwise inconclusive."""
     ranks = sorted(ranks)
     out = []
     if len(ranks) < 3:
