@@ -13,7 +13,7 @@ from typing import Any
 import torch.nn as nn
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
-from .config import Activation, Granularity, NoraConfig
+from .config import Activation, Granularity, NoraConfig, compute_scaling
 
 METHODS = ("nora", "lora", "rslora", "dora")
 
@@ -49,6 +49,13 @@ class AdapterSpec:
     @property
     def resolved_alpha(self) -> float:
         return float(2 * self.r if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        """The branch's scale ``s``: ``alpha/r``, ``alpha/sqrt(r)`` for rsLoRA (and NoRA's ``"rslora"``), or NoRA's
+        fixed float."""
+        scaling = "rslora" if self.method == "rslora" else self.scaling
+        return compute_scaling(scaling, self.resolved_alpha, self.r)
 
     def label(self) -> str:
         """Short human name, e.g. ``nora-r64``, ``nora-r64-relu``, ``rslora-r16``."""

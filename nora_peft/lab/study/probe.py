@@ -2,8 +2,10 @@
 
 Each method's ``lr`` grid is trained at one rank and one seed for ``max_steps`` steps and scored by validation
 perplexity alone (no generation, no test split, no analysis). The best lr per method -- lowest mean log validation
-perplexity over the datasets, ties to the smaller lr -- is then the only lr of every final cell of that method (all
-ranks, seeds and ablation variants). A run that diverges (NaN/inf loss) scores as the worst.
+perplexity over the datasets, ties to the smaller lr -- is then the lr of every final cell of that method (all
+ranks, seeds and ablation variants), carried from the probe's rank to each rank so that it makes the same step
+(:func:`transfer_lr`: unchanged for LoRA and NoRA at ``alpha = 2r``, ``lr * sqrt(r_probe / r)`` for rsLoRA). A run
+that diverges (NaN/inf loss) scores as the worst.
 
 A best lr at the edge of its grid means the grid did not bracket the optimum, and that method would be under-tuned:
 the grid is then extended one step past that edge (by the ratio of its last two points), up to
@@ -24,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ...methods import AdapterSpec
 from ..io import write_json_atomic
 from .results import read_results
 from .spec import Ablations, Cell, StudySpec, expand_cells, shard_cells
@@ -116,9 +119,26 @@ def chosen_lrs(spec: StudySpec, out_dir: str | Path) -> dict[str, float] | None:
     return chosen
 
 
+def transfer_lr(spec: StudySpec, method: str, lr: float, r: int) -> float:
+    """The lr at rank ``r`` that makes the same step as ``lr`` at the probe's rank: ``lr * s(r_probe) / s(r)``.
+
+    Under Adam a step moves ``W_down``/``W_up`` by about ``lr`` whatever the gradient's scale, so the branch's output
+    moves by about ``lr * s``. With ``alpha = 2r`` (the default), LoRA's and NoRA's ``s = alpha/r`` is 2 at every
+    rank and the lr is unchanged; rsLoRA's ``s = alpha/sqrt(r) = 2 sqrt(r)`` grows with r, so keeping its probed lr
+    would make its r=64 cells take twice the step its r=16 probe chose (and its r=4 cells half)."""
+    alpha = spec.adapter.get("alpha")
+
+    def scale(rank: int) -> float:
+        return AdapterSpec(method=method, r=rank, alpha=alpha).scale
+
+    return float(f"{lr * scale(int(spec.probe['rank'])) / scale(r):.6g}")  # a short, stable number for cell ids
+
+
 def with_lrs(spec: StudySpec, lrs: dict[str, float]) -> StudySpec:
-    """The final study: each method's grid replaced by its chosen lr (the probe settings stay, for the fingerprint)."""
-    return replace(spec, lr={m: [float(lrs[m])] for m in spec.methods})
+    """The final study: each method's grid replaced by its chosen lr, carried to every rank by :func:`transfer_lr`
+    (the probe settings stay, for the fingerprint)."""
+    ranks = {*spec.ranks, *([int(spec.ablations.rank)] if spec.ablations.variants else [])}
+    return replace(spec, lr={m: {r: [transfer_lr(spec, m, float(lrs[m]), r)] for r in sorted(ranks)} for m in lrs})
 
 
 def resolve(spec: StudySpec, out_dir: str | Path) -> StudySpec | None:

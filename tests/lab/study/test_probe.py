@@ -11,6 +11,7 @@ from nora_peft.lab.io import read_json
 from nora_peft.lab.study import probe
 from nora_peft.lab.study.results import append_result
 from nora_peft.lab.study.spec import expand_cells, load_spec, parse_spec
+from nora_peft.methods import AdapterSpec
 
 
 def probe_spec_raw(**over):
@@ -57,6 +58,25 @@ def test_choice_is_lowest_validation_perplexity_and_divergence_loses(tmp_path):
     got = sorted((c.method, c.r, c.seed, c.lr) for c in expand_cells(final))
     assert got == [("lora", r, s, 3e-3) for r in (1, 4) for s in (0, 1)] + [("nora", 1, s, 3e-3) for s in (0, 1)]
     assert final.fingerprint() == spec.fingerprint()  # resuming the final cells is allowed
+
+
+def test_the_chosen_lr_makes_the_same_step_at_every_rank():
+    """Under Adam the branch moves by ~lr * s: LoRA/NoRA (s = alpha/r = 2 at alpha = 2r) keep the probed lr, rsLoRA
+    (s = alpha/sqrt(r) = 2 sqrt(r)) gets lr * sqrt(r_probe / r); a fixed alpha changes LoRA's lr instead."""
+    spec = parse_spec(probe_spec_raw(methods=["lora", "rslora", "nora"], ranks=[1, 4, 16], method_ranks={},
+                                     lr={m: [1e-3] for m in ("lora", "rslora", "nora")}))  # fmt: skip
+    final = probe.with_lrs(spec, {"lora": 2e-3, "rslora": 5e-4, "nora": 3e-3})  # probe rank 4
+    lrs = {(c.method, c.r): c.lr for c in expand_cells(final)}
+    assert [lrs[("lora", r)] for r in (1, 4, 16)] == [2e-3] * 3
+    assert [lrs[("nora", r)] for r in (1, 4, 16)] == [3e-3] * 3
+    assert [lrs[("rslora", r)] for r in (1, 4, 16)] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    for (method, r), lr in lrs.items():  # the same lr * s at every rank, s from the adapters peft actually builds
+        assert lr * AdapterSpec(method=method, r=r).scale == pytest.approx(
+            lrs[(method, 4)] * (4 if method == "rslora" else 2)
+        )
+    fixed = parse_spec(probe_spec_raw(ranks=[1, 4], adapter={"dropout": 0.0, "alpha": 8}))
+    got = {(c.method, c.r): c.lr for c in expand_cells(probe.with_lrs(fixed, {"lora": 2e-3, "nora": 2e-3}))}
+    assert got[("lora", 1)] == pytest.approx(2e-3 / 4)  # s = 8 at r=1 vs 2 at r=4
 
 
 def test_best_lr_at_an_edge_extends_the_grid_past_it(tmp_path):
