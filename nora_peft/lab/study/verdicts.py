@@ -164,7 +164,7 @@ def verdict_plateau(groups, ds: str, ranks: list[int]) -> list[Verdict]:
             change = "gets worse" if worse else "does not improve measurably"
             ev += (
                 f". {method}'s PPL {change} from r={ranks[0]} to r={ranks[-1]}"
-                + (" at the one lr its method uses for every rank" if worse else "")
+                + (" at the learning rates this study gives each rank" if worse else "")
                 + ": this study cannot test a linear ceiling"
             )
         elif top.known and top.hi < 0.25 * full.mean:
