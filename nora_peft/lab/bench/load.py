@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from .harness import log
+from .harness import alternate, log, median_ms
 
 WORDS = (
     "the robot paints a small red house near the river while two children count apples and the teacher explains "
@@ -462,18 +462,13 @@ def distinct_adapters(
         # stack_adapters appends an all-zero slot for index -1; the floor reads the ``rows`` real ones only
         "read_once": lambda: _drain((s.up[:rows].sum(), s.down[:rows].sum()) for _, st in layers for s in st.values()),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first round warms up and is dropped
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(1000 * (time.perf_counter() - start))
+        times = alternate(variants, repeats=repeats, warmup=1, device=torch.device("cpu"))
     weight_bytes = sum(
         t[:rows].numel() * t.element_size() for _, st in layers for s in st.values() for t in (s.up, s.down)
     )
     return {"rows": rows, "rank": rank, "blocks": blocks, "targets": targets, "weight_mb": weight_bytes / 1e6} | {
-        f"{name}_ms": statistics.median(v[1:]) for name, v in times.items()
+        f"{name}_ms": median_ms(v) for name, v in times.items()
     }
 
 
