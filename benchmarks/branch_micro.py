@@ -1,5 +1,5 @@
 """One adapted layer, fwd + bwd, measured alternately: peft-LoRA's formula (``s * B(A x)`` with autograd) vs
-``nora_peft.ops.nora_delta`` (silu; its own autograd function). Prints JSON.
+``nora_peft.tuner.ops.nora_delta`` (silu; its own autograd function). Prints JSON.
 
     python benchmarks/branch_micro.py [--tokens 1024] [--width 256] [--repeats 80]
 
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from nora_peft.ops import nora_delta
+from nora_peft.tuner.ops import nora_delta
 
 
 def measure(r: int, n: int, k: int, repeats: int) -> dict:

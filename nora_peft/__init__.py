@@ -10,11 +10,11 @@ Tools that load adapters themselves (lm-eval, transformers' pipeline) need that 
 the opt-in ``python -m nora_peft.autoregister enable`` (docs/ecosystem.md).
 """
 
-from .config import NORA_PEFT_TYPE, NoraConfig, NoraPeftType
-from .layer import Linear, NoraLayer, ParallelBlock
-from .model import NoraModel
-from .ops import nora_delta, nora_delta_reference
-from .registry import register
+from .tuner.config import NORA_PEFT_TYPE, NoraConfig, NoraPeftType
+from .tuner.layer import Linear, NoraLayer, ParallelBlock
+from .tuner.model import NoraModel
+from .tuner.ops import nora_delta, nora_delta_reference
+from .tuner.registry import register
 
 register()
 

@@ -33,11 +33,11 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
-from .config import NORA_PEFT_TYPE, WEIGHTS_NAME, NoraConfig, check_adapter_weights_file, compute_scaling
+from .tuner.config import NORA_PEFT_TYPE, WEIGHTS_NAME, NoraConfig, check_adapter_weights_file, compute_scaling
 
 CONFIG_NAME = "adapter_config.json"
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|nora_up|nora_down)\.weight$")
-#: LoRA options a per-row mixed pass (``nora_peft.mixed``) cannot apply.
+#: LoRA options a per-row mixed pass (``kernels.mixed``) cannot apply.
 LORA_UNSUPPORTED = (
     "use_dora",
     "lora_bias",
@@ -149,7 +149,7 @@ def _build_config(raw: dict, label: str) -> NoraConfig | LoraConfig:
 
 
 def _check_mixable(config: NoraConfig | LoraConfig, label: str) -> None:
-    """What a per-row mixed pass (``nora_peft.mixed``) cannot apply: refused for serving, fine for ``PeftModel``."""
+    """What a per-row mixed pass (``kernels.mixed``) cannot apply: refused for serving, fine for ``PeftModel``."""
     if config.modules_to_save:
         raise CheckpointError(
             f"Adapter {label} also trains full modules {config.modules_to_save} (modules_to_save); those cannot be "
@@ -187,7 +187,7 @@ def layer_rank_and_scaling(config: NoraConfig | LoraConfig, module: str) -> tupl
     """The rank and scaling ``s`` the config gives layer ``module`` (its rank/alpha patterns, then its defaults).
 
     The scaling rule is the config's own: NoRA's ``scaling`` field, LoRA's ``use_rslora`` (``alpha/sqrt(r)``) or
-    ``alpha/r`` -- both through :func:`nora_peft.config.compute_scaling`.
+    ``alpha/r`` -- both through :func:`nora_peft.tuner.config.compute_scaling`.
     """
     rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.r)

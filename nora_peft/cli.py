@@ -18,7 +18,7 @@ EXTRA_PACKAGES: dict[str, frozenset[str]] = {
 
 #: subcommand -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "base": ("nora_peft.lab.base", "build (pretrain) the embedded default base model and tokenizer"),
+    "base": ("nora_peft.bases.embedded", "build (pretrain) the embedded default base model and tokenizer"),
     "train": ("nora_peft.lab.train", "fine-tune a causal LM with NoRA, LoRA, rsLoRA or DoRA"),
     "eval": ("nora_peft.lab.evaluate", "perplexity and generation accuracy of a base model or adapter"),
     "analyze": ("nora_peft.lab.analysis", "SVD spectra, effective rank and AUC-90 of trained adapters"),

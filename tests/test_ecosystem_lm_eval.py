@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from nora_peft import NoraConfig, cli
-from nora_peft.registry import is_registered
+from nora_peft.tuner.registry import is_registered
 
 from .test_ecosystem_transformers import tiny_tokenizer
 from .tiny_models import tiny_causal_lm

@@ -15,8 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraModel
 
 from nora_peft import NoraConfig, NoraModel
-from nora_peft.layer import NoraLayer, ParallelBlock
-from nora_peft.model import default_target_modules
+from nora_peft.tuner.layer import NoraLayer, ParallelBlock
+from nora_peft.tuner.model import default_target_modules
 
 from .tiny_models import MLP, input_ids, tiny_causal_lm
 

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import nora_peft  # noqa: F401  (registers NoRA)
 from nora_peft import NoraConfig
-from nora_peft.config import NORA_PEFT_TYPE, NoraPeftType
-from nora_peft.layer import NoraLayer
+from nora_peft.tuner.config import NORA_PEFT_TYPE, NoraPeftType
+from nora_peft.tuner.layer import NoraLayer
 
 from .tiny_models import VOCAB, input_ids, tiny_causal_lm
 

@@ -9,7 +9,7 @@ from peft import PeftModel
 
 import nora_peft  # noqa: F401  (registers NoRA)
 from nora_peft import NoraConfig
-from nora_peft.layer import NoraLayer
+from nora_peft.tuner.layer import NoraLayer
 
 from .test_ecosystem_transformers import tiny_tokenizer
 from .tiny_models import input_ids, tiny_causal_lm

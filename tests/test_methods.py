@@ -10,8 +10,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from nora_peft import NoraConfig
-from nora_peft.layer import NoraLayer
 from nora_peft.methods import AdapterSpec, build_peft_model, count_parameters
+from nora_peft.tuner.layer import NoraLayer
 
 from .tiny_models import tiny_causal_lm
 

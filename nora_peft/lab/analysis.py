@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..ops import activation_fn
-from .io import write_json_atomic
+from ..io import write_json_atomic
+from ..tuner.ops import activation_fn
 from .plotting import pyplot, save
 from .torch_utils import eval_mode
 
@@ -130,7 +130,7 @@ def adapter_factors(model: nn.Module, adapter_name: str = "default") -> list[Ada
     """Every NoRA and peft-LoRA layer of ``model`` holding ``adapter_name``, in module order."""
     from peft.tuners.lora import LoraLayer
 
-    from ..layer import NoraLayer, ParallelBlock
+    from ..tuner.layer import NoraLayer, ParallelBlock
 
     found = []
     for name, m in model.named_modules():
@@ -442,7 +442,7 @@ def analyze_adapter_dir(
     ``texts`` are given. Writes ``analysis.json`` next to the adapter files."""
     from peft import PeftModel
 
-    from .models import load_model_and_tokenizer
+    from ..bases.named import load_model_and_tokenizer
 
     adapter_dir = Path(adapter_dir)
     base, tokenizer = load_model_and_tokenizer(model)

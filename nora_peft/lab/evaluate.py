@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..attention import folded_decode_attention
-from .io import read_json, write_json_atomic
+from ..io import read_json, write_json_atomic
+from ..kernels.attention import folded_decode_attention
 from .torch_utils import eval_mode
 
 #: how many {id, question, prediction, gold} examples a result keeps for eyeballing
@@ -429,7 +429,7 @@ def load_adapter(base: torch.nn.Module, adapter_dir: str | Path, *, base_name: s
 def load_run(run_dir: str | Path):
     """``(peft_model, tokenizer, TrainConfig, splits)`` of a finished run; ``splits`` are the records per split,
     rebuilt from ``config.json`` and checked against the ids in ``splits.json``."""
-    from .models import load_model_and_tokenizer
+    from ..bases.named import load_model_and_tokenizer
     from .train import TrainConfig, base_dtype, load_splits, resolve_precision
 
     run_dir = Path(run_dir)
@@ -609,8 +609,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate_model_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """``--model [--adapter]``: load, build the requested split, evaluate; the default JSON path."""
+    from ..bases.named import load_model_and_tokenizer
     from .data import load_source, make_splits
-    from .models import load_model_and_tokenizer
     from .train import base_dtype, resolve_precision
 
     data = args.data or "reasoning"

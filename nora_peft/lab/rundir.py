@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .io import read_json, read_jsonl
+from ..io import read_json, read_jsonl
 
 if TYPE_CHECKING:
     from .train.config import TrainConfig

@@ -131,14 +131,14 @@ def uvicorn_config(app: Any, limits: Limits, *, host: str = "127.0.0.1", port: i
 
 def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, str]:
     """``(model, tokenizer, served name)`` for a folder, ``default`` (the embedded base) or another named base of
-    ``nora_peft.lab.models`` (``smollm2-135m``). ``dtype="auto"``: bf16 on a GPU or on a CPU with bf16 units (decode is
+    ``nora_peft.bases.named`` (``smollm2-135m``). ``dtype="auto"``: bf16 on a GPU or on a CPU with bf16 units (decode is
     ~1.7x faster there, measured on smollm2-135m), else the weights' own dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if base in ("", None):
         base = "default"
     if base == "default" or not Path(base).is_dir():
-        from ..lab.models import NAMED_BASES, resolve_model  # named bases live with the lab (built or converted once)
+        from ..bases.named import NAMED_BASES, resolve_model  # named bases live with the lab (built or converted once)
 
         if base not in NAMED_BASES:
             raise SystemExit(
@@ -163,7 +163,7 @@ def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[Any
 def _bf16_is_fast(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    from ..device import cpu_has_bf16
+    from ..kernels.device import cpu_has_bf16
 
     return cpu_has_bf16()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..attention import ATTENTION, use_folded_decode_attention
+from ..kernels.attention import ATTENTION, use_folded_decode_attention
 from ..prompt import adds_bos
 from .errors import AdapterError
 from .layers import MultiAdapterLinear

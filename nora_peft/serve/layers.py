@@ -1,11 +1,11 @@
 """Adapted linear layers for serving (vLLM's ``lora/layers``): a frozen base linear plus stacked adapter slots.
 
 * :class:`SlotStacks` is shared by every adapted layer of one model. It decides where each pool slot lives: in the
-  stack of its :func:`~nora_peft.mixed.rank_bucket` (r <= 8 -> 8, r = 9..16 -> 16, ..., r = 256 -> 256), at a position
+  stack of its :func:`~..kernels.mixed.rank_bucket` (r <= 8 -> 8, r = 9..16 -> 16, ..., r = 256 -> 256), at a position
   of that bucket. A bucket's tensors hold exactly as many positions as it needs (the last one freed shrinks it, the
   last adapter leaving frees it), so one r=256 adapter never pads the r=8 ones and its memory goes when it goes.
 * :class:`StepMapping` is the per-step batch mapping (vLLM's ``LoRAMapping`` / punica wrapper): each row's slot,
-  grouped into :class:`~nora_peft.mixed.Segment` s once per step on the host. The scheduler sets it for one forward
+  grouped into :class:`~..kernels.mixed.Segment` s once per step on the host. The scheduler sets it for one forward
   with ``with stacks.use(mapping): model(...)``; every layer reads it from the shared ``SlotStacks``.
 * :class:`MultiAdapterLinear` replaces a targeted ``nn.Linear``: ``base(x) + segmented_delta(x, buckets, segments)``.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..mixed import Segment, StackedAdapters, plan_segments, rank_bucket, segmented_delta, write_slot
-from ..ops import activation_fn
+from ..kernels.mixed import Segment, StackedAdapters, plan_segments, rank_bucket, segmented_delta, write_slot
+from ..tuner.ops import activation_fn
 
 
 @dataclass(frozen=True)

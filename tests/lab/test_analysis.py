@@ -22,7 +22,7 @@ from nora_peft.lab.analysis import (
     spectrum_stats,
 )
 from nora_peft.methods import AdapterSpec, build_peft_model
-from nora_peft.ops import activation_fn
+from nora_peft.tuner.ops import activation_fn
 
 
 def _matrix_with_singular_values(s: list[float], m: int, n: int, seed: int = 0) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nora_peft.lab.io import read_json, read_jsonl
+from nora_peft.io import read_json, read_jsonl
 from nora_peft.lab.train import train
 from tests.lab.test_train import make_tiny_model_dir, small_config
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nora_peft.io import read_json, write_json_atomic
 from nora_peft.lab import evaluate as ev
 from nora_peft.lab.data import build_lm_dataset, format_example, format_prompt, logistic_map_problems
-from nora_peft.lab.io import read_json, write_json_atomic
 from nora_peft.lab.train import train
 from tests.lab.test_train import make_tiny_model_dir, small_config
 

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from nora_peft.lab.io import read_json, read_jsonl
+from nora_peft.io import read_json, read_jsonl
 from nora_peft.lab.train import FLAGS, NonFiniteLossError, TrainConfig, config_from_args, train
 
 
@@ -23,7 +23,7 @@ def make_tiny_model_dir(path: Path, *, hidden: int = 32, seed: int = 0) -> str:
     """Save a tiny Llama (``hidden`` wide, 2 layers) and a 300-token BPE tokenizer into ``path``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from nora_peft.lab.base import build_tokenizer, pretraining_corpus
+    from nora_peft.bases.embedded import build_tokenizer, pretraining_corpus
 
     tokenizer = build_tokenizer(pretraining_corpus(300), vocab_size=300)
     config = LlamaConfig(

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nora_peft.mixed import mixed_delta, rank_bucket, stack_adapters
-from nora_peft.ops import nora_delta_reference
+from nora_peft.kernels.mixed import mixed_delta, rank_bucket, stack_adapters
 from nora_peft.serve.errors import AdapterError
 from nora_peft.serve.layers import MultiAdapterLinear, SlotStacks
 from nora_peft.serve.pool import AdapterPool
+from nora_peft.tuner.ops import nora_delta_reference
 
 D64 = torch.float64
 K, D = 12, 10

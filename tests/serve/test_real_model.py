@@ -34,7 +34,7 @@ def offline_chat(base, tokenizer, adapter_dir, messages) -> str:
 
 @pytest.fixture(scope="module")
 def real_server(smollm2_path, tmp_path_factory):
-    from nora_peft.lab.models import load_model_and_tokenizer
+    from nora_peft.bases.named import load_model_and_tokenizer
 
     base, tokenizer = load_model_and_tokenizer("smollm2-135m")
     adapters_dir = tmp_path_factory.mktemp("real-adapters")
@@ -61,7 +61,7 @@ def test_real_model_chat_equals_offline_peft(real_server, model):
 
 
 def test_nora_serve_takes_the_named_base_and_bf16_where_fast(smollm2_path):
-    from nora_peft.device import cpu_has_bf16
+    from nora_peft.kernels.device import cpu_has_bf16
     from nora_peft.serve.cli import load_base
 
     model, tokenizer, name = load_base("smollm2-135m", device="cpu")

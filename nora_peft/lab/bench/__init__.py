@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..io import write_json_atomic
+from ...io import write_json_atomic
 from .harness import alternate, pick_device, saved_activation_bytes, small_llama
 from .infer import decode_throughput, latency_table
 

@@ -94,10 +94,10 @@ def measure_latency(
 
 
 def load_bench_model(name: str | None, args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """``--model NAME`` (a named base or folder, via ``nora_peft.lab.base``) or the random-init Llama, in eval mode."""
+    """``--model NAME`` (a named base or folder, via ``nora_peft.bases``) or the random-init Llama, in eval mode."""
     if not name:
         return small_llama(32 if args.quick else args.hidden, 1 if args.quick else 4, device=device)
-    from ..models import load_model_and_tokenizer
+    from ...bases.named import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(name)
     return model.to(device).eval()

@@ -400,10 +400,10 @@ def _drain(calls: Iterable[Any]) -> None:
 
 
 def rank_padding(*, rows: int = 32, big_rank: int = 256, blocks: int = 30, repeats: int = 5) -> dict[str, Any]:
-    """Adapter work of one decode step (core ``nora_peft.mixed``, no model): ``rows - 1`` r=8 rows and one
+    """Adapter work of one decode step (``kernels.mixed``, no model): ``rows - 1`` r=8 rows and one
     r=``big_rank`` row, padded to one stack vs rank buckets; ms of CPU time per step over ``blocks`` blocks of the
     seven smollm2-135m linear shapes (layers narrower than ``big_rank`` get an r=8 adapter)."""
-    from ...mixed import mixed_delta, plan_segments, segmented_delta, stack_adapters
+    from ...kernels.mixed import mixed_delta, plan_segments, segmented_delta, stack_adapters
 
     shapes = list(SMOLLM2_SHAPES.values())
     g = torch.Generator().manual_seed(0)
@@ -440,11 +440,11 @@ def rank_padding(*, rows: int = 32, big_rank: int = 256, blocks: int = 30, repea
 def distinct_adapters(
     targets: list[str], *, rows: int = 32, rank: int = 8, blocks: int = 30, repeats: int = 5
 ) -> dict[str, Any]:
-    """Adapter work of one decode step of ``rows`` rows (core ``nora_peft.mixed``, no model, wall ms): every row on
+    """Adapter work of one decode step of ``rows`` rows (``kernels.mixed``, no model, wall ms): every row on
     one adapter vs ``rows`` distinct adapters, on ``blocks`` distinct blocks of smollm2-135m's ``targets`` shapes (so
     the weights come from memory, as in a real step), next to the floor of reading those distinct adapters' weights
     once (``torch.sum`` over each stack: no pass that reads every weight can be faster)."""
-    from ...mixed import plan_segments, segmented_delta, stack_adapters
+    from ...kernels.mixed import plan_segments, segmented_delta, stack_adapters
 
     g = torch.Generator().manual_seed(0)
     layers = []
@@ -504,7 +504,7 @@ def _load_average() -> list[float] | None:
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The section's results under the key ``load``."""
-    from ..models import load_model_and_tokenizer, resolve_model
+    from ...bases.named import load_model_and_tokenizer, resolve_model
 
     q = args.quick
     threads = args.threads or 1

@@ -2,7 +2,7 @@
 
 Variants: ``base`` (no adapters); ``nora_one`` (every row the same NoRA adapter, plain forward); ``nora_mixed`` (the
 gathered one-pass ``peft_model(ids, adapter_names=...)``); ``stacked_mixed`` (the same gathered pass of core
-``nora_peft.mixed`` hooked onto the bare base, without peft's per-forward hooks -- the shape a server uses);
+``nora_peft.kernels.mixed`` hooked onto the bare base, without peft's per-forward hooks -- the shape a server uses);
 ``lora_one``; ``lora_peft_loop`` (peft's ``adapter_names=`` with LoRA adapters, one pass per adapter). Reported as
 adapter overhead (time minus the base model's) and whole-forward throughput ratios.
 """
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...layer import NoraLayer
+from ...kernels.mixed import mixed_delta, stack_adapters
 from ...methods import AdapterSpec, build_peft_model
-from ...mixed import mixed_delta, stack_adapters
+from ...tuner.layer import NoraLayer
 from .harness import ALL_LINEAR, alternate, log, median_ms, random_ids, small_llama
 
 

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..io import data_dir
+from ...io import data_dir
 from . import synthetic
 
 SYNTHETIC = {

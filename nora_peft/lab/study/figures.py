@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_json
+from ...io import read_json
 from ..plotting import pyplot, save
 from ..stats import Stat
 from .verdicts import Group, find_group

@@ -21,8 +21,8 @@ def latency_step(spec: StudySpec, out_dir: str | Path, log: Callable[[str], None
     stored = read_latency(out_dir)
     if stored is not None or spec.latency.get("skip"):
         return stored
+    from ...bases.named import load_model_and_tokenizer
     from ..bench.latency import measure_latency
-    from ..models import load_model_and_tokenizer
 
     lat = spec.latency
     model_name = lat.get("model", spec.model)

@@ -26,8 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ...io import write_json_atomic
 from ...methods import AdapterSpec
-from ..io import write_json_atomic
 from .results import read_results
 from .spec import Ablations, Cell, StudySpec, expand_cells, shard_cells
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json_atomic
+from ...io import write_json_atomic
 from ..stats import latency_overheads, mean_ci
 from .figures import plot_by_rank, spectral_figures
 from .results import read_base_reference, read_latency, read_results

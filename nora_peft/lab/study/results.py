@@ -1,7 +1,7 @@
 """The study's output dir as files: ``results.jsonl`` (one row per finished cell), ``latency.json`` and
 ``base_reference.json``.
 
-Rows are appended atomically (``nora_peft.lab.io.append_jsonl``) and deduplicated by cell id on read, so a killed study
+Rows are appended atomically (``nora_peft.io.append_jsonl``) and deduplicated by cell id on read, so a killed study
 loses or repeats nothing; a torn last line is ended before the next append and skipped on read.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..io import append_jsonl, read_json, read_jsonl, write_json_atomic
+from ...io import append_jsonl, read_json, read_jsonl, write_json_atomic
 
 RESULTS = "results.jsonl"
 LATENCY = "latency.json"

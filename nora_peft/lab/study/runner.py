@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json, write_json_atomic
+from ...io import read_json, write_json_atomic
 from .results import BASE_REFERENCE, append_result, end_torn_line, read_results
 from .spec import Cell, StudySpec, _freeze, expand_cells, shard_cells
 
@@ -145,8 +145,8 @@ def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
     cells are (same records, prompts, perplexity and generation settings). Written once to ``base_reference.json``."""
     import torch
 
+    from ...bases.named import load_model_and_tokenizer
     from ..evaluate import evaluate_records
-    from ..models import load_model_and_tokenizer
     from ..torch_utils import eval_mode
     from ..train import base_dtype, load_splits, resolve_precision
 
@@ -231,7 +231,7 @@ def run_study(
         f"{len(mine) - len(todo)} already done, {len(todo)} to run -> {out_dir}"
     )
     if todo:  # build/convert the base once up front, so no cell's time (or ETA) includes it
-        from ..models import resolve_model
+        from ...bases.named import resolve_model
 
         resolve_model(spec.model)
     if shard[0] == 0 and splits == ("validation", "test") and not (out_dir / BASE_REFERENCE).exists():

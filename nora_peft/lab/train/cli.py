@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any
 
+from ...io import read_json
 from ...methods import METHODS
-from ..io import read_json
 from .config import PRECISIONS, TrainConfig
 from .recipe import train
 from .trainer import NonFiniteLossError

@@ -27,7 +27,7 @@ class TrainConfig:
     raise it (1e-3) for the tiny embedded base, lower it (5e-5) if the loss turns NaN on a large model.
     """
 
-    model: str | None = None  # None -> the embedded default base (nora_peft.lab.base)
+    model: str | None = None  # None -> the embedded default base (nora_peft.bases.embedded)
     data: str = "reasoning"  # a load_source name (arith, logistic, reasoning, gsm8k, ...) or a local file / hub id
     data_options: dict = field(default_factory=dict)  # extra keyword options for data.load_source
     field_map: dict | None = None  # {"prompt": "question", "response": "answer", ...} for local files / hub ids

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...device import cpu_has_bf16
+from ...kernels.device import cpu_has_bf16
 
 __all__ = ["base_dtype", "cpu_has_bf16", "resolve_precision"]
 

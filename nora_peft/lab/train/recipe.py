@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json, write_json_atomic
+from ...io import read_json, write_json_atomic
 from ..rundir import check_run_dir, clear_run_dir, last_checkpoint, trim_metrics
 from .config import TrainConfig
 from .data import PaddingCounter, load_splits, tokenize_split
@@ -44,8 +44,8 @@ class FinetuneRecipe:
         import torch
         from transformers import set_seed
 
+        from ...bases.named import load_model_and_tokenizer
         from ...methods import build_peft_model, count_parameters
-        from ..models import load_model_and_tokenizer
 
         cfg = self.cfg
         set_seed(cfg.seed)

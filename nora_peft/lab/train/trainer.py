@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..io import append_jsonl
+from ...io import append_jsonl
 from ..rundir import last_checkpoint
 from .config import TrainConfig
 from .precision import _cuda

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nora_peft.lab.base import build_tokenizer, pretraining_corpus
+from nora_peft.bases.embedded import build_tokenizer, pretraining_corpus
 from nora_peft.lab.data import (
     PLAIN_TEMPLATE,
     answer_is_complete,

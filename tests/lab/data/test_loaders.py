@@ -103,7 +103,7 @@ def test_splits_are_deterministic_disjoint_and_sized():
 
 
 def test_svamp_real_file_equations_recompute_the_answers():
-    from nora_peft.lab.io import data_dir
+    from nora_peft.io import data_dir
 
     file = data_dir() / "svamp" / "SVAMP.json"
     if not file.exists():

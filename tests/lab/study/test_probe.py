@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from nora_peft.lab.io import read_json
+from nora_peft.io import read_json
 from nora_peft.lab.study import probe
 from nora_peft.lab.study.results import append_result
 from nora_peft.lab.study.spec import expand_cells, load_spec, parse_spec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nora_peft.lab.io import append_jsonl, read_json
+from nora_peft.io import append_jsonl, read_json
 from nora_peft.lab.study.report import write_report
 from nora_peft.lab.study.results import read_results
 
@@ -50,7 +50,7 @@ def test_report_says_when_the_demo_cannot_test_a_ceiling(tmp_path):
 
 def test_report_only_reads_it_never_measures_latency(tmp_path, monkeypatch):
     """Without a stored latency.json the report says claim (5) is not tested; it loads no model and measures nothing."""
-    import nora_peft.lab.models as models
+    import nora_peft.bases.named as models
 
     def no_model(*a, **k):
         raise AssertionError("the report must not load a model")
@@ -103,7 +103,7 @@ def test_report_shows_stored_prefill_and_decode_latency(tmp_path):
 
 
 def test_report_shows_the_base_reference_row(tmp_path):
-    from nora_peft.lab.io import write_json_atomic
+    from nora_peft.io import write_json_atomic
 
     write_json_atomic(
         tmp_path / "base_reference.json",

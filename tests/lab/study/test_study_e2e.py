@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from nora_peft.lab.io import read_jsonl
+from nora_peft.io import read_jsonl
 from nora_peft.lab.study.cli import finish_study
 from nora_peft.lab.study.runner import read_results, run_study
 from nora_peft.lab.study.spec import expand_cells, parse_spec

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nora_peft.lab.base import build_base, pretraining_corpus
-from nora_peft.lab.models import load_model_and_tokenizer
+from nora_peft.bases.embedded import build_base, pretraining_corpus
+from nora_peft.bases.named import load_model_and_tokenizer
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 

@@ -13,9 +13,9 @@ from transformers.pytorch_utils import Conv1D
 
 import nora_peft  # noqa: F401  (registers NoRA)
 from nora_peft import NoraConfig
-from nora_peft.layer import NoraLayer
+from nora_peft.tuner.layer import NoraLayer
 
-from .tiny_models import DEFAULT_TARGETS, LAYER_LISTS, MLP, input_ids, mixed_and_alone_logits, tiny_causal_lm
+from ..tiny_models import DEFAULT_TARGETS, LAYER_LISTS, MLP, input_ids, mixed_and_alone_logits, tiny_causal_lm
 
 ARCHS = ["llama", "mistral", "qwen2", "phi3", "gpt2"]
 REF_ACTS = {

@@ -11,7 +11,7 @@ scaling) -- of any ranks up to ``r_max`` is computed without a Python loop over 
 Slots are written by :func:`write_slot` (the one place that pads and folds the scaling): ``W_up`` fills the first
 ``r`` rows of its slot and ``s * W_down^T`` the first ``r`` rows of the down stack, the rest stays zero. Padding is
 exact, because a padded latent unit contributes ``W_down[:, j] * act(0) = 0`` for every activation of
-:data:`nora_peft.ops.ACTIVATIONS`.
+:data:`nora_peft.tuner.ops.ACTIVATIONS`.
 ``stack_adapters`` appends one all-zero slot that rows with index ``-1`` are routed to, so they get an exact zero.
 
 **Rank buckets and segments** (SGMV-style, for a server whose adapters have very different ranks). Padding every
@@ -22,7 +22,7 @@ pass per segment, so a batch's adapter cost follows the ranks actually in it; ro
 segment and cost nothing; a segment whose rows all use one adapter skips the gather (two plain matmuls).
 
 Activations that differ between adapters are handled with a small per-row mask: each activation *kind* present in the
-stack (at most the 5 of :data:`nora_peft.ops.ACTIVATIONS`) is applied to the whole r-wide latent and the row's own
+stack (at most the 5 of :data:`nora_peft.tuner.ops.ACTIVATIONS`) is applied to the whole r-wide latent and the row's own
 result is selected with ``torch.where``. The loop runs over kinds, never over adapters; its cost is
 ``O(kinds * B * T * r_max)`` element-wise work, small next to the two ``O(B * T * r_max * k)`` matmuls, and a stack with
 one kind (the common case) does no masking at all. Grouping rows per kind instead would need a host sync per layer.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import activation_fn
+from ..tuner.ops import activation_fn
 
 #: the smallest padded rank of a bucket; below it, padding costs less than another segment
 MIN_BUCKET_RANK = 8

@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import PeftModel
 
+from nora_peft.kernels.mixed import mixed_delta, stack_adapters
 from nora_peft.methods import AdapterSpec, build_peft_model
-from nora_peft.mixed import mixed_delta, stack_adapters
-from nora_peft.ops import nora_delta_reference
+from nora_peft.tuner.ops import nora_delta_reference
 from tests.tiny_models import input_ids, mixed_and_alone_logits, tiny_causal_lm
 
 D64 = torch.float64

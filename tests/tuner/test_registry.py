@@ -12,7 +12,7 @@ from peft import mapping
 
 import nora_peft
 from nora_peft import NoraConfig, NoraModel
-from nora_peft.registry import is_registered, register
+from nora_peft.tuner.registry import is_registered, register
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def test_import_writes_no_files(tmp_path):
 def test_loading_without_import_fails_naming_nora(tmp_path):
     from peft import get_peft_model
 
-    from .tiny_models import tiny_causal_lm
+    from ..tiny_models import tiny_causal_lm
 
     get_peft_model(tiny_causal_lm("llama"), NoraConfig(r=2)).save_pretrained(tmp_path)
     code = (

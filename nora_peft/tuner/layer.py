@@ -208,11 +208,11 @@ class Linear(nn.Module, NoraLayer):
     def _mixed_batch_forward(self, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
         """Rows of one batch use different adapters (``"__base__"``: none); inference only.
 
-        All of this layer's adapters run in one gathered pass (``nora_peft.mixed``); the stacked weights are cached
+        All of this layer's adapters run in one gathered pass (``kernels.mixed``); the stacked weights are cached
         and rebuilt when an adapter is added, deleted, moved or its weights change (keyed on names, tensor storage,
         in-place version counters, ranks, scalings and activations).
         """
-        from .mixed import mixed_delta, stack_adapters
+        from ..kernels.mixed import mixed_delta, stack_adapters
 
         result = self.base_layer(*args, **kwargs)
         x = self._adapter_input(args, kwargs)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from nora_peft.ops import ACTIVATIONS, nora_delta, nora_delta_reference
+from nora_peft.tuner.ops import ACTIVATIONS, nora_delta, nora_delta_reference
 
-# Written out independently of nora_peft.ops (no shared helper), in float64.
+# Written out independently of nora_peft.tuner.ops (no shared helper), in float64.
 REFERENCE_ACTS = {
     "silu": lambda z: z / (1 + torch.exp(-z)),
     "identity": lambda z: z,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nora_peft import NoraConfig
-from nora_peft.config import compute_scaling
+from nora_peft.tuner.config import compute_scaling
 
 
 def test_defaults_and_peft_type():
@@ -66,8 +66,8 @@ def test_json_round_trip(tmp_path):
 def test_activation_and_granularity_are_literal_types_matching_the_ops():
     from typing import get_args, get_type_hints
 
-    from nora_peft.config import Activation, Granularity
-    from nora_peft.ops import ACTIVATIONS
+    from nora_peft.tuner.config import Activation, Granularity
+    from nora_peft.tuner.ops import ACTIVATIONS
 
     hints = get_type_hints(NoraConfig)
     assert hints["activation"] is Activation and hints["granularity"] is Granularity

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from nora_peft.lab import models
+from nora_peft.bases import named as models
 from nora_peft.methods import AdapterSpec, build_peft_model
 
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    from nora_peft.lab.models import load_model_and_tokenizer
+    from nora_peft.bases.named import load_model_and_tokenizer
 
     torch.manual_seed(0)
     return load_model_and_tokenizer(models.SMOLLM2_NAME)

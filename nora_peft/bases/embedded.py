@@ -24,9 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data.synthetic import ITEMS, NAMES
-from .io import cache_dir, write_json_atomic
+from ..io import cache_dir, write_json_atomic
 
+#: names and items of the pretraining corpus; the lab's synthetic tasks reuse them (words the base has seen)
+NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia", "Oto"]
+ITEMS = ["apples", "books", "coins", "stamps", "marbles", "cards", "shells", "pencils", "stickers", "beads"]
 DEFAULT_BASE_NAME = "nora-tiny-llama-v1"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 MODEL_SIZE = dict(
@@ -35,7 +37,7 @@ MODEL_SIZE = dict(
 
 
 def default_base_path() -> Path:
-    """Where the embedded default base lives: ``nora_peft.lab.io.cache_dir() / DEFAULT_BASE_NAME``."""
+    """Where the embedded default base lives: ``nora_peft.io.cache_dir() / DEFAULT_BASE_NAME``."""
     return cache_dir() / DEFAULT_BASE_NAME
 
 
@@ -168,7 +170,7 @@ def build_base(
         "uniform_loss": math.log(len(tokenizer)),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.time() - start, 1),
-        "corpus": "nora_peft.lab.base.pretraining_corpus: templated sentences, arithmetic facts, one-step questions",
+        "corpus": "bases.embedded.pretraining_corpus: templated sentences, arithmetic facts, one-step questions",
         "documents": documents,
         "tokens_seen": steps * batch_size * seq_len,
     }

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from nora_peft.attention import ATTENTION, folded_decode_sdpa, use_folded_decode_attention
+from nora_peft.kernels.attention import ATTENTION, folded_decode_sdpa, use_folded_decode_attention
 
 
 class _Module(torch.nn.Module):
@@ -61,7 +61,7 @@ def _tiny_gqa_model(attn: str = "sdpa") -> LlamaForCausalLM:
 
 def test_a_padded_batch_decodes_the_same_logits_as_sdpa(monkeypatch):
     """Left-padded rows of different lengths, several cached decode steps: logits as with transformers' sdpa."""
-    import nora_peft.attention as attention
+    import nora_peft.kernels.attention as attention
 
     folded_shapes = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -98,7 +98,7 @@ def test_other_implementations_and_plain_multi_head_models_are_left_alone(attn):
 
 
 def test_the_context_manager_switches_back():
-    from nora_peft.attention import folded_decode_attention
+    from nora_peft.kernels.attention import folded_decode_attention
 
     model = _tiny_gqa_model()
     with folded_decode_attention(model) as switched:

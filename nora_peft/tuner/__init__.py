@@ -1,0 +1,19 @@
+"""NoRA as a peft tuner, in peft's ``tuners/<method>/`` shape: ``config`` (NoraConfig), ``layer`` (the NoRA layers),
+``model`` (NoraModel), ``registry`` (the one shim that registers the ``"NORA"`` peft type) and ``ops`` (Eq. 2's
+branch as one autograd function, and the float reference)."""
+
+from .config import NORA_PEFT_TYPE, NoraConfig, NoraPeftType
+from .layer import Linear, NoraLayer, ParallelBlock
+from .model import NoraModel
+from .registry import register
+
+__all__ = [
+    "NORA_PEFT_TYPE",
+    "Linear",
+    "NoraConfig",
+    "NoraLayer",
+    "NoraModel",
+    "NoraPeftType",
+    "ParallelBlock",
+    "register",
+]
