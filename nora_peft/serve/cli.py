@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -11,22 +10,33 @@ from typing import Any
 
 import torch
 
-from .app import Limits
+from .config import ServeConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServeConfig()
     parser.add_argument("--base", default="default", help="base model folder (HF format), or 'default' (embedded)")
     parser.add_argument("--adapters-dir", default=None, help="folder of adapter folders (or `nora train` run dirs)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-adapters", type=int, default=16, help="adapters held in memory (LRU beyond)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="rows per batched generation")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
-    parser.add_argument("--scheduler", default="continuous", choices=["continuous", "wave"], help="batching policy")
-    parser.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
+    parser.add_argument(
+        "--max-adapters", type=int, default=defaults.max_adapters, help="adapters held in memory (LRU beyond)"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=defaults.max_batch_size, help="rows per batched generation"
+    )
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=defaults.batch_wait_ms, help="how long a batch waits for company"
+    )
+    parser.add_argument(
+        "--scheduler", default=defaults.scheduler, choices=["continuous", "wave"], help="batching policy"
+    )
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=defaults.prefill_chunk, help="prompt tokens prefilled per step"
+    )
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context - 1")
     parser.add_argument("--served-model-name", default=None, help="the base model's name in `model` fields")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -40,24 +50,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     security.add_argument("--allow-external-paths", action="store_true", help="allow lora_path outside --adapters-dir")
     security.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: min(d, k))")
-    limits = Limits()
-    security.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="request body limit (413)")
+    security.add_argument(
+        "--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request body limit (413)"
+    )
     security.add_argument(
         "--max-prompt-chars", type=int, default=None, help="prompt text limit before tokenizing (default 32 x tokens)"
     )
-    security.add_argument("--max-stop-strings", type=int, default=limits.max_stop_strings)
-    security.add_argument("--max-stop-chars", type=int, default=limits.max_stop_chars, help="length of each stop")
+    security.add_argument("--max-stop-strings", type=int, default=defaults.max_stop_strings)
+    security.add_argument("--max-stop-chars", type=int, default=defaults.max_stop_chars, help="length of each stop")
     security.add_argument(
-        "--request-timeout", type=float, default=limits.request_timeout_s, help="seconds to a first token (503)"
+        "--request-timeout", type=float, default=defaults.request_timeout_s, help="seconds to a first token (503)"
     )
-    security.add_argument("--header-timeout", type=float, default=limits.header_timeout_s, help="seconds for headers")
-    security.add_argument("--body-timeout", type=float, default=limits.body_timeout_s, help="seconds for a body")
-    security.add_argument("--max-connections", type=int, default=512, help="open connections before 503")
+    security.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s, help="seconds for headers")
+    security.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s, help="seconds for a body")
+    security.add_argument(
+        "--max-connections", type=int, default=defaults.max_connections, help="requests in progress before a 503"
+    )
+    security.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=defaults.max_connections_per_client,
+        help="open sockets per client address (its oldest idle one is closed past it)",
+    )
 
 
-def limits_from_args(args: argparse.Namespace) -> Limits:
-    """The :class:`~nora_peft.serve.app.Limits` the flags describe."""
-    return Limits(
+def config_from_args(args: argparse.Namespace, base_name: str) -> ServeConfig:
+    """The :class:`~nora_peft.serve.config.ServeConfig` the flags describe (``base_name``: the served base's name
+    unless ``--served-model-name`` says otherwise)."""
+    return ServeConfig(
+        base_name=args.served_model_name or base_name,
+        adapters_dir=args.adapters_dir,
+        allow_external_paths=args.allow_external_paths,
+        max_adapters=args.max_adapters,
+        max_lora_rank=args.max_lora_rank,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        batch_wait_ms=args.batch_wait_ms,
+        scheduler=args.scheduler,
+        prefill_chunk=args.prefill_chunk,
+        max_prompt_tokens=args.max_prompt_tokens,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
         max_body_bytes=args.max_body_bytes,
         max_prompt_chars=args.max_prompt_chars,
         max_stop_strings=args.max_stop_strings,
@@ -65,68 +98,9 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         request_timeout_s=args.request_timeout,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
     )
-
-
-def timed_h11_protocol(header_timeout_s: float, body_timeout_s: float) -> type:
-    """uvicorn's h11 protocol with read deadlines: a client gets ``header_timeout_s`` to send a request's headers and
-    ``body_timeout_s`` to send its body, else the connection is closed (uvicorn itself only times out idle
-    keep-alive connections, so a client sending one header line every few seconds would hold a socket forever)."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class TimedH11Protocol(H11Protocol):
-        _read_timer: asyncio.TimerHandle | None = None
-        _read_phase: Any = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._update_read_timer()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            self._update_read_timer()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._update_read_timer()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-            super().connection_lost(exc)
-
-        def _update_read_timer(self) -> None:
-            state = self.conn.their_state
-            phase = state if state in (h11.IDLE, h11.SEND_BODY) else None
-            if phase is self._read_phase:
-                return
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
-            self._read_phase = phase
-            if phase is not None:
-                limit = header_timeout_s if phase is h11.IDLE else body_timeout_s
-                self._read_timer = self.loop.call_later(limit, self._read_timed_out, phase)
-
-        def _read_timed_out(self, phase: Any) -> None:
-            if self.conn.their_state is phase and not self.transport.is_closing():
-                self.logger.info(
-                    "closing a connection that sent no complete request %s in time",
-                    "headers" if phase is h11.IDLE else "body",
-                )
-                self.transport.close()
-
-    return TimedH11Protocol
-
-
-def uvicorn_config(app: Any, limits: Limits, *, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> Any:
-    """The uvicorn settings ``nora serve`` runs with: read timeouts (h11 with deadlines) and a connection limit."""
-    import uvicorn
-
-    options = {"log_level": "info", "limit_concurrency": 512, "timeout_keep_alive": 5, **kwargs}
-    http = timed_h11_protocol(limits.header_timeout_s, limits.body_timeout_s)
-    return uvicorn.Config(app, host=host, port=port, http=http, **options)
 
 
 def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, str]:
@@ -173,30 +147,18 @@ def main(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .engine import Engine
+    from .guard import uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tokenizer, name = load_base(args.base, args.device, args.dtype)
-    limits = limits_from_args(args)
-    engine = Engine(
-        model,
-        tokenizer,
-        adapters_dir=args.adapters_dir,
-        max_adapters=args.max_adapters,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        batch_wait_ms=args.batch_wait_ms,
-        request_timeout_s=args.request_timeout,
-        max_prompt_tokens=args.max_prompt_tokens,
-        base_name=args.served_model_name or name,
-        allow_external_paths=args.allow_external_paths,
-        scheduler=args.scheduler,
-        prefill_chunk=args.prefill_chunk,
-        max_lora_rank=args.max_lora_rank,
-    )
+    try:
+        config = config_from_args(args, name)
+    except ValueError as e:
+        raise SystemExit(f"nora serve: {e}") from None
+    engine = Engine(model, tokenizer, config)
     print(
         f"nora serve: base {engine.base_name!r}, adapters {sorted(engine.registry)}, http://{args.host}:{args.port}/v1"
     )
-    app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key, limits=limits)
-    config = uvicorn_config(app, limits, host=args.host, port=args.port, limit_concurrency=args.max_connections)
-    uvicorn.Server(config).run()
+    server_config = uvicorn_config(create_app(engine), config, host=args.host, port=args.port)
+    uvicorn.Server(server_config).run()
     return 0

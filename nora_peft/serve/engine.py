@@ -19,12 +19,13 @@ from typing import Any
 import torch.nn as nn
 
 from ..kernels.attention import ATTENTION, use_folded_decode_attention
-from ..prompt import adds_bos
+from ..prompt import encode_prompt, eos_ids, pad_id
+from .config import ServeConfig
 from .errors import AdapterError
 from .layers import MultiAdapterLinear
 from .metrics import ServeMetrics
 from .pool import AdapterPool, check_adapter_name
-from .scheduler import GenRequest, Policy, Scheduler, StepLock
+from .scheduler import GenRequest, Scheduler, StepLock
 
 __all__ = ["Engine", "GenRequest", "MultiAdapterLinear"]
 
@@ -34,29 +35,13 @@ log = logging.getLogger("nora_peft.serve")
 class Engine:
     """Base model + adapter pool + scheduler. Thread-safe ``submit``; ``generate`` for offline use.
 
-    ``scheduler="continuous"`` (default) batches per iteration; ``"wave"`` is static batching (for comparison).
-    ``prefill_chunk`` bounds the prompt tokens prefilled per iteration while other rows decode.
+    Every setting comes from ``config`` (:class:`~nora_peft.serve.config.ServeConfig`), e.g. ``scheduler``
+    (``"continuous"`` batches per iteration, ``"wave"`` is static batching) and ``prefill_chunk`` (prompt tokens
+    prefilled per iteration while other rows decode).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        *,
-        adapters_dir: str | None = None,
-        max_adapters: int = 8,
-        max_batch_size: int = 16,
-        max_queue: int = 256,
-        batch_wait_ms: float = 5.0,
-        request_timeout_s: float = 120.0,
-        max_prompt_tokens: int | None = None,
-        base_name: str = "base",
-        allow_external_paths: bool = False,
-        add_bos: bool | None = None,
-        scheduler: Policy = "continuous",
-        prefill_chunk: int = 128,
-        max_lora_rank: int | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, config: ServeConfig | None = None) -> None:
+        self.config = config = config or ServeConfig()
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -64,51 +49,42 @@ class Engine:
             log.info("attention: %s (grouped-query decode without repeating KV heads)", ATTENTION)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.base_name = base_name
-        self.adapters_dir = adapters_dir
-        self.allow_external_paths = allow_external_paths
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000
-        self.request_timeout_s = request_timeout_s
-        ctx = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.context_len = int(ctx)
-        self.max_prompt_tokens = int(max_prompt_tokens or self.context_len - 1)
-        # like training (nora_peft.lab.data.formatting): text prompts start with BOS when the tokenizer has one and no
-        # chat template, unless the tokenizer already adds it
-        self.add_bos = adds_bos(tokenizer) if add_bos is None else add_bos
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        self.base_name = config.base_name
+        self.context_len = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+        self.max_prompt_tokens = int(config.max_prompt_tokens or self.context_len - 1)
         self.pool = AdapterPool(
             model,
-            max_adapters,
-            adapters_dir=adapters_dir,
-            allow_external_paths=allow_external_paths,
-            max_rank=max_lora_rank,
-            reserved={base_name},
+            config.max_adapters,
+            adapters_dir=config.adapters_dir,
+            allow_external_paths=config.allow_external_paths,
+            max_rank=config.max_lora_rank,
+            reserved={config.base_name},
         )
         self.registry = self.pool.registry  # every adapter a client may name
         self.lock = StepLock()
         self.metrics = self._make_metrics()
-        self.scheduler = Scheduler(
-            model,
-            tokenizer,
+        self.scheduler = self._make_scheduler()
+        with self.lock:  # load what fits at start; bad adapters are skipped with a logged reason
+            self.pool.load_dir()
+
+    def _make_scheduler(self) -> Scheduler:
+        config = self.config
+        return Scheduler(
+            self.model,
+            self.tokenizer,
             self.pool.stacks,
             self._slot_for,
             self.metrics,
             self.lock,
-            eos_ids=self.eos_ids,
-            pad_id=self.pad_id,
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-            batch_wait_s=batch_wait_ms / 1000,
-            request_timeout_s=request_timeout_s,
-            prefill_chunk=prefill_chunk,
-            policy=scheduler,
+            eos_ids=set(eos_ids(self.model, self.tokenizer)),
+            pad_id=pad_id(self.tokenizer),
+            max_batch_size=config.max_batch_size,
+            max_queue=config.max_queue,
+            batch_wait_s=config.batch_wait_ms / 1000,
+            request_timeout_s=config.request_timeout_s,
+            prefill_chunk=config.prefill_chunk,
+            policy=config.scheduler,
         )
-        with self.lock:  # load what fits at start; bad adapters are skipped with a logged reason
-            self.pool.load_dir()
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -159,13 +135,14 @@ class Engine:
             )
         return name
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, prompt: str | list[int], *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt (text, or ids as they are), checked against ``max_prompt_tokens``. A chat's text
+        (:func:`nora_peft.prompt.format_chat`) is encoded as training encodes it: without the tokenizer's own
+        special tokens; a completion's text with them. Both then follow the BOS rule."""
         if isinstance(prompt, list):
             ids = list(prompt)
         else:
-            ids = self.tokenizer(prompt)["input_ids"]
-            if self.add_bos and (not ids or ids[0] != self.tokenizer.bos_token_id):
-                ids = [self.tokenizer.bos_token_id, *ids]
+            ids = encode_prompt(self.tokenizer, prompt, add_special_tokens=not chat)
         if not ids:
             raise AdapterError("prompt is empty; send at least one token.", param="prompt")
         if len(ids) > self.max_prompt_tokens:

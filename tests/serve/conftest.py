@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from nora_peft.methods import AdapterSpec, build_peft_model
-from nora_peft.serve import Engine, Limits, create_app
-from nora_peft.serve.cli import uvicorn_config
+from nora_peft.serve import Engine, ServeConfig, create_app
+from nora_peft.serve.guard import uvicorn_config
 from tests.tiny_models import VOCAB, tiny_causal_lm
 
 WORDS = "the a cat dog sat on mat ran to house big small red blue one two three four five six seven eight".split()
@@ -107,13 +107,13 @@ def serve_env(tmp_path_factory) -> ServeEnv:
 class ServerThread:
     """uvicorn on 127.0.0.1 with a pre-bound free port, in a daemon thread; ``stop()`` ends it."""
 
-    def __init__(self, app, limits: Limits | None = None, **options) -> None:
+    def __init__(self, app, config: ServeConfig | None = None, **options) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn_config(app, limits or Limits(), log_level="warning", lifespan="on", **options)
+        config = uvicorn_config(app, config or ServeConfig(), log_level="warning", lifespan="on", **options)
         self.server = uvicorn.Server(config)  # the settings `nora serve` runs with (read timeouts, limits)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -132,17 +132,23 @@ class ServerThread:
         self.sock.close()
 
 
-def make_engine(env: ServeEnv, **kwargs) -> Engine:
+def make_engine(env: ServeEnv, base: torch.nn.Module | None = None, **settings) -> Engine:
+    """An engine over a copy of ``base`` (default: the env's) with these :class:`ServeConfig` settings."""
     options = dict(adapters_dir=str(env.adapters_dir), max_adapters=4, max_batch_size=16, batch_wait_ms=20.0)
-    options.update(kwargs)
-    return Engine(copy.deepcopy(env.base), env.tokenizer, base_name="base", **options)
+    options.update(settings)
+    return Engine(copy.deepcopy(base or env.base), env.tokenizer, ServeConfig(base_name="base", **options))
+
+
+def serve(engine: Engine) -> ServerThread:
+    """A started server for ``engine`` with uvicorn run as ``nora serve`` runs it (the engine's config)."""
+    srv = ServerThread(create_app(engine), engine.config).start()
+    srv.engine = engine
+    return srv
 
 
 @pytest.fixture(scope="module")
 def server(serve_env):
     """A running server (LRU limit 4 < 8 adapters, so eviction and reloading are exercised)."""
-    engine = make_engine(serve_env)
-    srv = ServerThread(create_app(engine)).start()
-    srv.engine = engine
+    srv = serve(make_engine(serve_env))
     yield srv
     srv.stop()

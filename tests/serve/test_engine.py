@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
 import pytest
+import torch
 
 from nora_peft.serve import AdapterError, GenRequest
-from tests.serve.conftest import MAX_TOKENS, PROMPTS, make_engine
+from tests.serve.conftest import ADAPTER_SPECS, MAX_TOKENS, PROMPTS, make_engine
 
 
 def _request(engine, adapter, done: list, finished: threading.Event, n_expected: int) -> GenRequest:
@@ -108,5 +110,36 @@ def test_a_thread_waiting_for_the_lock_gets_it_between_decode_steps(serve_env):
         with engine.lock:
             assert req.finished is None and 0 < len(req.generated) < 50  # taken while the row still decodes
         assert done.wait(120) and req.finished == "length"
+    finally:
+        engine.stop()
+
+
+def test_float32_batched_greedy_equals_each_request_alone(serve_env):
+    """docs/serving.md's promise: in float32 a greedy output does not depend on its batch neighbours (the rows of a
+    batch, their adapters and lengths), so it equals the same request served alone."""
+    base32 = copy.deepcopy(serve_env.base).to(torch.float32)
+    engine = make_engine(serve_env, base=base32, max_adapters=8, max_batch_size=16, batch_wait_ms=0.0)
+    jobs = [(None if m == "base" else m, p) for m in ["base", *ADAPTER_SPECS] for p in PROMPTS]
+    options = dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    try:
+        alone = [engine.generate(p, adapter=m, **options)["text"] for m, p in jobs]
+        done: dict[int, str] = {}
+        finished = threading.Event()
+
+        def listener(i: int):
+            def on_event(kind, payload):
+                if kind != "delta":
+                    done[i] = payload["text"] if kind == "done" else f"error {payload}"
+                    if len(done) == len(jobs):
+                        finished.set()
+
+            return on_event
+
+        with engine.lock:  # every request is queued before the first step: they run in shared batches
+            for i, (m, p) in enumerate(jobs):
+                engine.submit(GenRequest(prompt_ids=engine.encode(p), adapter=m, on_event=listener(i), **options))
+        assert finished.wait(120)
+        assert [done[i] for i in range(len(jobs))] == alone
+        assert engine.snapshot_metrics()["max_batch_size_seen"] == 16
     finally:
         engine.stop()

@@ -21,15 +21,15 @@ import httpx
 import pytest
 import torch
 
-from nora_peft.serve import GenRequest, Limits, create_app
+from nora_peft.serve import GenRequest
 from tests.adapter_files import edit_config, edit_tensors
-from tests.serve.conftest import MAX_TOKENS, PROMPTS, ServerThread, make_engine
+from tests.serve.conftest import MAX_TOKENS, PROMPTS, make_engine, serve
 
 USER, ADMIN = "user-key", "admin-key"
 U = {"Authorization": f"Bearer {USER}"}
 A = {"Authorization": f"Bearer {ADMIN}"}
 GOOD = ["nora-silu-r4", "lora-r4", "nora-relu-r8", "rslora-r2", "nora-gelu-r2"]
-LIMITS = Limits(max_body_bytes=256 * 1024, request_timeout_s=1.0, header_timeout_s=1.0, body_timeout_s=1.0)
+LIMITS = dict(max_body_bytes=256 * 1024, request_timeout_s=1.0, header_timeout_s=1.0, body_timeout_s=1.0)
 
 
 def rss_bytes() -> int:
@@ -49,10 +49,9 @@ class Hostile:
         shutil.copytree(env.adapters_dir / "nora-silu-r4", self.dir / "bad-scaling")  # finding 2: skipped at start
         edit_config(self.dir / "bad-scaling", scaling="bogus")
         self.engine = make_engine(
-            env, adapters_dir=str(self.dir), max_adapters=2, max_queue=8, request_timeout_s=LIMITS.request_timeout_s
+            env, adapters_dir=str(self.dir), max_adapters=2, max_queue=8, api_key=USER, admin_key=ADMIN, **LIMITS
         )
-        app = create_app(self.engine, api_key=USER, admin_key=ADMIN, limits=LIMITS)
-        self.server = ServerThread(app, LIMITS).start()
+        self.server = serve(self.engine)
         self.url = self.server.url
         self.messages: list[str] = []  # every error message seen, checked for paths at the end
 
@@ -371,11 +370,11 @@ def test_f12_f13_queue_timeout_holds_while_queued_with_retry_after(hostile):
         for t in threads:
             t.join(2.2)
         time.sleep(max(0.0, 2.5 - 0.3 - 2.2))
-    assert full.status_code == 503 and full.headers["Retry-After"] == str(LIMITS.retry_after_s)
+    assert full.status_code == 503 and full.headers["Retry-After"] == str(hostile.engine.config.retry_after_s)
     assert "queue full" in full.json()["error"]["message"]
     assert set(results) == {f"q{i}" for i in range(8)}
     for elapsed, r in results.values():  # answered at the timeout, while still queued (streaming too: no 200)
-        assert r.status_code == 503 and r.headers["Retry-After"] == str(LIMITS.retry_after_s), r.text
+        assert r.status_code == 503 and r.headers["Retry-After"] == str(hostile.engine.config.retry_after_s), r.text
         assert elapsed < 2.0
     _wait_idle(hostile.engine)
     after = hostile.engine.snapshot_metrics()["rejections"]
@@ -421,7 +420,7 @@ def test_f19_slow_headers_and_bodies_are_cut_off(hostile):
         else:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # nor the body
         socks.append(s)
-    time.sleep(LIMITS.header_timeout_s + 0.5)
+    time.sleep(LIMITS["header_timeout_s"] + 0.5)
     assert sum(_closed_by_server(s) for s in socks) == 20
     assert httpx.get(f"{hostile.url}/health").status_code == 200
 

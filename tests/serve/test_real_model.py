@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 
 from nora_peft.methods import AdapterSpec
-from nora_peft.serve import Engine, create_app
-from tests.serve.conftest import ServerThread, save_adapter
+from nora_peft.serve import Engine, ServeConfig
+from tests.serve.conftest import save_adapter, serve
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 MAX_TOKENS = 28
@@ -40,8 +40,8 @@ def real_server(smollm2_path, tmp_path_factory):
     adapters_dir = tmp_path_factory.mktemp("real-adapters")
     for i, (name, spec) in enumerate(ADAPTERS.items()):
         save_adapter(base, spec, adapters_dir / name, seed=7 + i)  # random init: each adapter changes the output
-    engine = Engine(copy.deepcopy(base), tokenizer, adapters_dir=str(adapters_dir), base_name="smollm2-135m")
-    srv = ServerThread(create_app(engine)).start()
+    config = ServeConfig(adapters_dir=str(adapters_dir), base_name="smollm2-135m")
+    srv = serve(Engine(copy.deepcopy(base), tokenizer, config))
     yield srv, base, tokenizer, adapters_dir
     srv.stop()
 

@@ -14,15 +14,14 @@ import httpx
 import pytest
 import torch
 
-from nora_peft.serve import create_app
-from nora_peft.serve.app import format_chat
+from nora_peft.prompt import format_chat
 from tests.serve.conftest import (
     ADAPTER_SPECS,
     MAX_TOKENS,
     PROMPTS,
-    ServerThread,
     make_engine,
     save_adapter,
+    serve,
 )
 from tests.tiny_models import tiny_causal_lm
 
@@ -196,7 +195,7 @@ def test_hot_load_and_unload(server, serve_env):
 
 
 def test_api_key(serve_env):
-    srv = ServerThread(create_app(make_engine(serve_env), api_key="s3cret")).start()
+    srv = serve(make_engine(serve_env, api_key="s3cret"))
     try:
         assert complete(srv.url, "base", "the cat").status_code == 401
         assert httpx.get(f"{srv.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from ...prompt import format_chat, has_chat_template
 from .harness import alternate, log, median_ms
 
 WORDS = (
@@ -153,9 +154,9 @@ def workload(
 
 
 def _prompt(tokenizer: Any, text: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": f"Continue this story: {text}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """A completion prompt: a chat turn in the tokenizer's template (as the server formats a chat), else the text."""
+    if has_chat_template(tokenizer):
+        return format_chat(tokenizer, [{"role": "user", "content": f"Continue this story: {text}"}])
     return text
 
 
@@ -358,7 +359,7 @@ def _generate_rate(setup: Setup, prompt: str, batch: int, new_tokens: int) -> fl
     """Plain greedy ``generate`` with a KV cache on the base, batch ``batch``: generated tokens per second (exactly
     ``new_tokens`` per row: ``min_new_tokens`` keeps EOS away, as ``ignore_eos`` does for the server's requests)."""
     tok = setup.tokenizer
-    ids = tok([prompt] * batch, return_tensors="pt", add_special_tokens=not getattr(tok, "chat_template", None))
+    ids = tok([prompt] * batch, return_tensors="pt", add_special_tokens=not has_chat_template(tok))
     with torch.inference_mode():
         start = time.perf_counter()
         out = setup.model.generate(
