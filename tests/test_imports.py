@@ -203,6 +203,7 @@ def test_no_import_cycles_between_modules():
 KNOWN_IMPORT_ORDER_FAILURES = {"nora_peft.checkpoint"}
 
 
+@pytest.mark.slow
 def test_every_core_module_imports_alone_in_a_fresh_process():
     """Each core module imported first, in a fresh process (torch and transformers preloaded, peft not: the import
     order a lazy ``import nora_peft`` leaves to its submodules), imports and leaves NoRA registered."""

@@ -90,7 +90,6 @@ def run_lm_eval(lm_eval_args: list[str]) -> int:
     """Register NoRA with peft, then run lm-eval's CLI on ``lm_eval_args``; returns its exit status."""
     import nora_peft
 
-
     try:
         from lm_eval.__main__ import cli_evaluate
     except ModuleNotFoundError as err:
