@@ -99,7 +99,8 @@ def _wrap_exec_module(loader, finder) -> None:
 
 
 def after_import(name: str, callback: Callable[[], None]) -> None:
-    """Run ``callback()`` once module ``name`` has executed for the first time (now if it already has)."""
+    """Run ``callback()`` once module ``name`` has executed for the first time (now if it already has; a module that
+    is half-executed right now counts as not imported, so its callbacks wait for a later import of it)."""
     module = sys.modules.get(name)
     if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
         callback()

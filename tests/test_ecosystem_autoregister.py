@@ -212,6 +212,23 @@ def test_after_import_waits_for_execution_not_lookup(monkeypatch):
     assert log[-1] == "now"
 
 
+def test_two_copies_of_the_hook_share_one_wrapped_loader(monkeypatch):
+    """The ``.pth`` line's copy of the hook and the package's own (``import nora_peft`` before peft) both fire, once."""
+    log: list[str] = []
+    monkeypatch.setattr(sys, "meta_path", [_Finder(log), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "nora_fake_mod", raising=False)
+    source = Path(_peft_hook.__file__).read_text()
+    copies = [{"__name__": "copy"}, {"__name__": "copy"}]
+    for i, namespace in enumerate(copies):
+        exec(compile(source, _peft_hook.__file__, "exec"), namespace)
+        namespace["after_import"]("nora_fake_mod", lambda i=i: log.append(f"copy {i}"))
+    assert importlib.util.find_spec("nora_fake_mod") is not None and log == []
+    import nora_fake_mod  # noqa: F401
+
+    assert log == ["exec", "copy 0", "copy 1"] or log == ["exec", "copy 1", "copy 0"]
+    assert not [f for f in sys.meta_path if type(f).__name__ == "AfterImportFinder" and f.name == "nora_fake_mod"]
+
+
 def test_messages_name_only_real_commands():
     """The docs and the warning name the autoregister CLI's real actions (pth, site-dir, status), nothing else."""
     actions = {"pth", "site-dir", "status"}
