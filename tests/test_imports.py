@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,23 +138,23 @@ def _private_imports() -> list[str]:
             private = [
                 n for n in names if n.startswith("_") and not n.startswith("__") and f"{target}.{n}" not in modules
             ]
-            found.extend(f"{path.relative_to(ROOT.parent)}:{line} imports {n} from {target}" for n in private)
+            found.extend(f"{path.relative_to(ROOT.parent)} imports {n} from {target} (line {line})" for n in private)
     return found
 
 
 #: private names imported across modules in files other owners hold (issue 20), to be made public or moved there
 KNOWN_PRIVATE_IMPORTS = {
-    "nora_peft/lab/evaluate.py:586 imports _mapping from nora_peft.lab.train",
-    "nora_peft/lab/study/runner.py:23 imports _freeze from nora_peft.lab.study.spec",
-    "nora_peft/lab/train/__init__.py:28 imports _mapping from nora_peft.lab.train.cli",
-    "nora_peft/lab/train/trainer.py:12 imports _cuda from nora_peft.lab.train.precision",
+    "nora_peft/lab/evaluate.py imports _mapping from nora_peft.lab.train",
+    "nora_peft/lab/study/runner.py imports _freeze from nora_peft.lab.study.spec",
+    "nora_peft/lab/train/__init__.py imports _mapping from nora_peft.lab.train.cli",
+    "nora_peft/lab/train/trainer.py imports _cuda from nora_peft.lab.train.precision",
 }
 
 
 def test_no_module_imports_another_modules_private_name():
     """A ``_name`` is its module's own: another module needing it means it should be public (or live elsewhere)."""
-    found = set(_private_imports())
-    if found and found == KNOWN_PRIVATE_IMPORTS:
+    found = {re.sub(r" \(line \d+\)$", "", f) for f in _private_imports()}
+    if found and found <= KNOWN_PRIVATE_IMPORTS:
         pytest.xfail("private names imported across modules, in files of other owners: " + "; ".join(sorted(found)))
     assert found == set()
 
@@ -232,6 +233,6 @@ for name in {names!r}:
 print(json.dumps(failures))
 """
     failures = _fresh(code)
-    if failures and set(failures) == KNOWN_IMPORT_ORDER_FAILURES:
+    if failures and set(failures) <= KNOWN_IMPORT_ORDER_FAILURES:
         pytest.xfail(f"import cycle in files of other owners: {failures}")
     assert failures == {}
