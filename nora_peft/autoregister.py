@@ -9,8 +9,9 @@ supported routes are ``import nora_peft`` first, or ``nora lm-eval``. For everyt
     python -m nora_peft.autoregister status
     rm "$(python -m nora_peft.autoregister site-dir)/nora_peft-autoregister.pth"   # opt out (before uninstalling)
 
-The ``.pth`` line runs ``nora_peft/_peft_hook.py`` at interpreter start: a finder that waits for ``import peft`` and
-then imports nora_peft, fail-safe (a broken nora-peft gives a warning, peft still imports). Costs are measured in
+The ``.pth`` line runs ``nora_peft/_peft_hook.py`` at interpreter start: a finder that waits until peft's module has
+really executed (a ``find_spec("peft")`` probe does not use it up) and then imports nora_peft, fail-safe (a broken
+nora-peft gives a warning, peft still imports). Costs are measured in
 docs/ecosystem.md. ``NORA_PEFT_AUTOREGISTER=0`` turns it off for one process.
 """
 
@@ -55,6 +56,7 @@ def disable(directory: Path) -> bool:
 
 
 def status(directory: Path | None = None) -> str:
+    """``enabled (<path>)`` when the ``.pth`` file is in ``directory`` (default: :func:`site_dir`), else disabled."""
     path = (directory or site_dir()) / PTH_NAME
     return f"enabled ({path})" if path.exists() else f"disabled (no {path})"
 

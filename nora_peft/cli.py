@@ -1,19 +1,35 @@
 """``nora``: thin subcommands that parse arguments and call the package's rooms.
 
 Each subcommand lives in its room as two functions, ``add_arguments(parser)`` and ``main(args) -> int | None``;
-this file only lists them and imports a room when its command runs (so ``nora --help`` stays fast).
+this file only lists them and imports a room when its command runs (so ``nora --help`` stays fast). Before a
+command does anything, even ``nora <command> --help``, the packages of its extra are looked up (without importing
+them): a missing one stops it with the ``pip install`` line that brings it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
-#: third-party packages each extra brings; a command whose import fails on one of them names the extra to install
-EXTRA_PACKAGES: dict[str, frozenset[str]] = {
-    "lab": frozenset({"accelerate", "datasets", "tokenizers", "yaml", "numpy", "matplotlib"}),
-    "serve": frozenset({"fastapi", "uvicorn", "starlette", "pydantic"}),
+#: import names of the third-party packages each extra brings (``yaml`` is pyyaml, ``lm_eval`` is lm-eval)
+EXTRA_PACKAGES: dict[str, tuple[str, ...]] = {
+    "lab": ("accelerate", "datasets", "yaml", "numpy", "matplotlib"),
+    "serve": ("fastapi", "uvicorn"),
+    "lm-eval": ("lm_eval",),
+}
+
+#: subcommand -> the extra it needs (absent: the core install is enough). Checked as a whole, up front: the lab's
+#: modules import some of these lazily, deep into a run, where a missing one would cost the work done so far.
+COMMAND_EXTRAS: dict[str, str] = {
+    "train": "lab",
+    "eval": "lab",
+    "analyze": "lab",
+    "study": "lab",
+    "bench": "lab",
+    "serve": "serve",
+    "lm-eval": "lm-eval",
 }
 
 #: subcommand -> (module that implements it, one-line help)
@@ -39,6 +55,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def missing_extra_message(extra: str, missing: list[str], command: str | None = None) -> str:
+    """The one message for a missing extra: what is missing and the pip line that installs it."""
+    who = f"nora {command}" if command else "this command"
+    return (
+        f"nora: {who} needs the '{extra}' extra ({', '.join(missing)} not installed): pip install 'nora-peft[{extra}]'"
+    )
+
+
+def _installed(name: str) -> bool:
+    if sys.modules.get(name) is not None:  # imported already (find_spec raises on modules without a __spec__)
+        return True
+    return importlib.util.find_spec(name) is not None
+
+
+def check_extra(command: str) -> None:
+    """Stop with :func:`missing_extra_message` when a package of ``command``'s extra is not installed (looked up with
+    ``importlib.util.find_spec``, nothing imported)."""
+    extra = COMMAND_EXTRAS.get(command)
+    if extra is None:
+        return
+    missing = [name for name in EXTRA_PACKAGES[extra] if not _installed(name)]
+    if missing:
+        raise SystemExit(missing_extra_message(extra, missing, command))
+
+
 def import_room(module: str):
     """Import a command's module; a missing optional dependency becomes a message naming the extra to install."""
     try:
@@ -47,16 +88,15 @@ def import_room(module: str):
         missing = (err.name or "").split(".")[0]
         for extra, packages in EXTRA_PACKAGES.items():
             if missing in packages:
-                raise SystemExit(
-                    f"nora: this command needs the '{extra}' extra ({missing} is not installed): "
-                    f"pip install 'nora-peft[{extra}]'"
-                ) from err
+                raise SystemExit(missing_extra_message(extra, [missing])) from err
         raise
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        check_extra(command)  # before the room's import and before any work: `nora train --help` included
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from nora_peft import NoraConfig, cli
 from nora_peft.tuner.registry import is_registered
@@ -44,6 +45,55 @@ def test_hands_every_argument_to_lm_eval_after_registering(monkeypatch):
     assert sys.argv == argv_before  # restored
     cli.main(["lm-eval", "run", "--limit", "2"])
     assert seen["argv"] == ["lm-eval", "run", "--limit", "2"]
+
+
+@pytest.fixture
+def fake_lm_eval(monkeypatch):
+    """lm-eval's CLI replaced by a recorder (lm-eval itself need not be installed)."""
+    calls = []
+    fake_main = types.ModuleType("lm_eval.__main__")
+    fake_main.cli_evaluate = lambda: calls.append(list(sys.argv))
+    monkeypatch.setitem(sys.modules, "lm_eval", types.ModuleType("lm_eval"))
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", fake_main)
+    return calls
+
+
+def _folders(root: Path) -> dict[str, Path]:
+    nora, lora, base, odd, broken = (root / n for n in ("nora", "lora", "base", "odd", "broken"))
+    get_peft_model(tiny_causal_lm("llama"), NoraConfig(r=2)).save_pretrained(nora)
+    get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(lora)
+    tiny_causal_lm("llama").save_pretrained(base)
+    for folder, text in ((odd, '{"peft_type": "NORA2"}'), (broken, "[1, 2")):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(text)
+    return {"nora": nora, "lora": lora, "base": base, "odd": odd, "broken": broken, "missing": root / "no" / "such"}
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("missing", r"no such folder; pass the folder that save_pretrained wrote"),
+        ("base", r"has no adapter_config.json \(it looks like a base model: pass it as pretrained=\)"),
+        ("odd", r"peft_type 'NORA2', which peft does not know \(NoRA adapters say 'NORA'\)"),
+        ("broken", r"is not a JSON object"),
+    ],
+)
+def test_wrong_adapter_folder_names_the_fix_before_lm_eval_runs(fake_lm_eval, tmp_path, which, message):
+    folder = _folders(tmp_path)[which]
+    args = ["run", "--model", "hf", "--model_args", f"pretrained=b,peft={folder},dtype=float32", "--tasks", "x"]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["lm-eval", *args])
+    text = str(stop.value.code)
+    assert text.startswith("nora lm-eval: ") and re.search(message, text), text
+    assert fake_lm_eval == []  # lm-eval never started
+
+
+def test_good_adapters_and_hub_ids_pass_to_lm_eval(fake_lm_eval, tmp_path):
+    folders = _folders(tmp_path)
+    for value in (folders["nora"], folders["lora"], "some-owner/some-adapter"):
+        assert cli.main(["lm-eval", "--model_args", f"pretrained=b,peft={value}"]) == 0
+    assert cli.main(["lm-eval", f"--model_args=peft={folders['nora']}", "--tasks", "x"]) == 0
+    assert len(fake_lm_eval) == 4
 
 
 def test_missing_lm_eval_names_the_extra(monkeypatch):
