@@ -12,7 +12,6 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
-from ..checkpoint import check_shapes
 from .config import NoraConfig
 from .layer import Linear, NoraLayer, ParallelBlock
 
@@ -220,4 +219,6 @@ def _check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict
     suffixes = (f".nora_up.{adapter_name}.weight", f".nora_down.{adapter_name}.weight")
     expected = {bare(k): tuple(p.shape) for k, p in model.named_parameters() if k.endswith(suffixes)}
     loaded = {bare(k): tuple(v.shape) for k, v in state_dict.items() if ".nora_up." in k or ".nora_down." in k}
+    from ..checkpoint import check_shapes  # checkpoint imports tuner.config: at the top this would be a cycle
+
     check_shapes(loaded, expected, f"NoRA adapter {adapter_name!r}")  # one comparison for the library and server
