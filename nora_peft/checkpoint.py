@@ -337,7 +337,7 @@ def read_checkpoint(
             for module, (up_key, down_key, scaling) in layers.items():
                 up, down = f.get_tensor(up_key), f.get_tensor(down_key)
                 _check_finite(up, up_key, label, dtype)
-                _check_finite(down, down_key, label, dtype)
+                _check_finite(down, down_key, label, dtype, scaling)  # the server folds the scaling into W_down
                 checkpoint.modules[module] = (up, down, scaling)
     except CheckpointError:
         raise
@@ -348,16 +348,19 @@ def read_checkpoint(
     return checkpoint
 
 
-def _check_finite(t: torch.Tensor, key: str, label: str, dtype: torch.dtype | None) -> None:
-    """Refuse NaN / inf values, and values that become infinite in the compute ``dtype``."""
+def _check_finite(t: torch.Tensor, key: str, label: str, dtype: torch.dtype | None, scale: float = 1.0) -> None:
+    """Refuse NaN / inf values, and values that (times ``scale``) become infinite in the compute ``dtype``."""
     if not bool(torch.isfinite(t).all()):
         raise CheckpointError(f"Adapter {label} has NaN or infinite values in {key}; retrain or re-save it.")
-    if dtype is not None and t.dtype != dtype and not bool(torch.isfinite(t.to(dtype)).all()):
-        largest = float(t.abs().max())
+    if dtype is None:
+        return
+    largest = float(t.abs().max()) * abs(scale)  # a Python float: float64, where 1e300 stays finite
+    if largest > torch.finfo(dtype).max:
+        times = "" if scale == 1.0 else f" times the scaling {scale:.3g}"
         raise CheckpointError(
             f"Adapter {label} has values in {key} too large for {str(dtype).removeprefix('torch.')}, the dtype this "
-            f"model computes in (largest |value| {largest:.3g}, at most {torch.finfo(dtype).max:.3g}); retrain or "
-            "re-save it."
+            f"model computes in (largest |value|{times}: {largest:.3g}, at most {torch.finfo(dtype).max:.3g}); "
+            "retrain or re-save it."
         )
 
 

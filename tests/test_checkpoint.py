@@ -280,3 +280,19 @@ def test_values_that_overflow_the_compute_dtype_are_refused(nora_dir, linear_sha
     message = refused(nora_dir, "too large for float32", expected=linear_shapes, dtype=torch.float32)
     assert "1e+300" in message
     refused(nora_dir, "too large for bfloat16", expected=linear_shapes, dtype=torch.bfloat16)
+
+
+def test_the_scaling_folded_into_w_down_must_not_overflow(nora_dir, linear_shapes):
+    edit_config(nora_dir, alpha=40)  # scaling alpha/r = 10
+    scaling = next(iter(read_checkpoint(nora_dir).modules.values()))[2]
+    assert scaling == pytest.approx(10)
+    big = torch.finfo(torch.float32).max / 2  # finite in float32 on its own, not times 10
+
+    def huge(tensors):
+        for k, v in tensors.items():
+            if "down" in k:
+                v[0, 0] = big
+
+    edit_tensors(nora_dir, huge)
+    read_checkpoint(nora_dir, expected=linear_shapes, dtype=torch.float64)
+    refused(nora_dir, "times the scaling 10", expected=linear_shapes, dtype=torch.float32)
