@@ -205,7 +205,7 @@ def test_check_fits_model_before_peft_loads(tmp_path, arch, method):
 
 
 # -- hostile files: nesting, FIFOs, links out of the folder, values that overflow the compute dtype ----------------
-def _nested_safetensors(path: Path, depth: int = 100_000) -> None:
+def nested_safetensors(path: Path, depth: int = 100_000) -> None:
     """A weights file whose header is valid-looking JSON nested ``depth`` brackets deep."""
     header = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
     header += b" " * (-len(header) % 8)
@@ -218,11 +218,11 @@ def test_deeply_nested_config_is_refused(nora_dir):
 
 
 def test_deeply_nested_weights_header_is_refused(nora_dir):
-    _nested_safetensors(nora_dir / "adapter_model.safetensors")
+    nested_safetensors(nora_dir / "adapter_model.safetensors")
     refused(nora_dir, "nested too deeply")
 
 
-def _within(seconds: float, fn, *args, **kwargs):
+def finishes_within(seconds: float, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``'s result or exception, failing the test if it blocks longer than ``seconds``."""
     box: dict = {}
 
@@ -246,7 +246,7 @@ def test_a_fifo_is_refused_without_blocking(nora_dir, name):
     (nora_dir / name).unlink()
     os.mkfifo(nora_dir / name)
     with pytest.raises(CheckpointError, match=f"{name} is not a regular file") as err:
-        _within(10, read_checkpoint, nora_dir, label="'x'")
+        finishes_within(10, read_checkpoint, nora_dir, label="'x'")
     assert str(nora_dir) not in str(err.value)
 
 
