@@ -20,6 +20,7 @@ request waits, the running rows go on), and adapters evicted from a slot stay in
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -431,7 +432,10 @@ class AdapterPool:
 
 
 def scan_adapters_dir(folder: str | Path | None) -> dict[str, str]:
-    """``{name: path}`` for each sub-folder of ``folder`` holding an ``adapter_config.json`` (also ``*/adapter``)."""
+    """``{name: path}`` for each sub-folder of ``folder`` holding an ``adapter_config.json`` (also ``*/adapter``).
+
+    Any entry of that name counts (a FIFO or a dangling link too), so that reading it refuses it with a logged reason
+    instead of skipping it silently; nothing is opened here."""
     found: dict[str, str] = {}
     if folder is None:
         return found
@@ -440,7 +444,7 @@ def scan_adapters_dir(folder: str | Path | None) -> dict[str, str]:
         raise FileNotFoundError(f"--adapters-dir {root} is not a directory; create it or point at the right one.")
     for sub in sorted(root.iterdir()):
         for candidate in (sub, sub / "adapter"):  # a `nora train` run dir keeps its adapter in RUN_DIR/adapter
-            if (candidate / "adapter_config.json").is_file():
+            if os.path.lexists(candidate / "adapter_config.json"):
                 if NAME_RE.fullmatch(sub.name) and ".." not in sub.name:
                     found[sub.name] = str(candidate)
                 else:

@@ -247,9 +247,9 @@ def _huge_fp64(folder: Path) -> None:
     edit_tensors(folder, change)
 
 
-def _fifo(folder: Path) -> None:
-    (folder / "adapter_model.safetensors").unlink()
-    os.mkfifo(folder / "adapter_model.safetensors")
+def _fifo(folder: Path, file: str = "adapter_model.safetensors") -> None:
+    (folder / file).unlink()
+    os.mkfifo(folder / file)
 
 
 SECRET = "TOPSECRET-7f3a"
@@ -259,6 +259,7 @@ HOSTILE = {  # name -> (spoil, what the message says)
     "link-out": (_link_out, "a link to a file outside"),
     "huge-fp64": (_huge_fp64, "too large for float32"),
     "fifo": (_fifo, "not a regular file"),
+    "fifo-config": (lambda f: _fifo(f, "adapter_config.json"), "not a regular file"),
 }
 
 
