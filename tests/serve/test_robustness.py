@@ -162,10 +162,14 @@ def test_a_slow_adapter_read_stalls_no_running_row(serve_env, gated_reads):
     engine = make_engine(serve_env, max_adapters=1, batch_wait_ms=0)
     _no_host_memory(engine)  # the evicted adapters are read again from their folders
     gated_reads.lock = engine.lock
+    steps, step = [], engine.scheduler.step
+    engine.scheduler.step = lambda: (steps.append(1), step())
     engine.start()
     try:
         evicted = _submit(engine, "lora-r8", "one two", MAX_TOKENS)
         assert gated_reads.started.wait(10)
+        time.sleep(0.5)
+        assert len(steps) < 150, len(steps)  # waiting for a read, the idle loop looks every 5 ms: it does not spin
         base = _submit(engine, None, "one two", MAX_TOKENS)
         assert _wait([base], 10), "the base request waited for another adapter's read"  # before: it hung
         assert base.done[0]["text"] == serve_env.expected[("base", "one two")]
