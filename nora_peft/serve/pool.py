@@ -152,8 +152,7 @@ class AdapterPool:
         504 past ``read_timeout_s``. The files are read in a reader thread, so a hung file system cannot hang the
         caller."""
         job = self._start_read(name, Path(folder if folder is not None else self.registry[name]))
-        job.done.wait(self.read_timeout_s)
-        return self._result(name, job)
+        return self._result(name, job, expired=not job.done.wait(self.read_timeout_s))
 
     def _read_now(self, name: str, folder: Path) -> AdapterCheckpoint:
         """The read itself (in a reader thread): the checks of :func:`read_checkpoint`, errors as AdapterError."""
@@ -198,10 +197,11 @@ class AdapterPool:
         threading.Thread(target=run, name="nora-adapter-read", daemon=True).start()
         return job
 
-    def _result(self, name: str, job: _Read) -> AdapterCheckpoint | None:
-        """``job``'s adapter, ``None`` while it runs; raises its error, or a 504 once past ``read_timeout_s``."""
+    def _result(self, name: str, job: _Read, expired: bool = False) -> AdapterCheckpoint | None:
+        """``job``'s adapter, ``None`` while it runs; raises its error, or a 504 once past ``read_timeout_s`` (or
+        ``expired``: the caller waited that long)."""
         with self._mutex:
-            if job.ended is None and time.monotonic() - job.started > self.read_timeout_s:
+            if job.ended is None and (expired or time.monotonic() - job.started > self.read_timeout_s):
                 job.ended = time.monotonic()
                 job.error = AdapterError(
                     f"Reading adapter {name!r} took over {self.read_timeout_s:g}s (a slow or hung file system?); "
@@ -290,9 +290,8 @@ class AdapterPool:
         job = self._pending.get(name)
         if job is None or (job.error is not None and time.monotonic() - job.ended > FAILED_READ_TTL_S):
             job = self._pending[name] = self._start_read(name, Path(self.registry[name]))
-        if wait:
-            job.done.wait(max(0.0, self.read_timeout_s - (time.monotonic() - job.started)))
-        adapter = self._result(name, job)  # raises (and keeps the failed read for the others) on error
+        expired = wait and not job.done.wait(max(0.0, self.read_timeout_s - (time.monotonic() - job.started)))
+        adapter = self._result(name, job, expired)  # raises (and keeps the failed read for the others) on error
         if adapter is None:
             return None
         del self._pending[name]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -137,3 +139,22 @@ def test_check_fits_names_layers_the_base_does_not_have(folders):
     adapter.modules = {m: (torch.zeros(4, 7), down, s) for m, (_, down, s) in pool.read("good-a").modules.items()}
     with pytest.raises(AdapterError, match="the model needs"):
         pool.check_fits(adapter)
+
+
+def test_a_read_that_hangs_is_a_504_after_the_deadline(folders, monkeypatch):
+    from nora_peft.serve import pool as pool_module
+
+    gate = threading.Event()
+    monkeypatch.setattr(pool_module, "read_checkpoint", lambda *a, **k: gate.wait(60))
+    pool = pool_for(folders, read_timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(AdapterError, match="took over 0.2s") as err:
+            pool.prepare("new", "good-a")  # the load route: the HTTP thread waits at most the deadline
+        assert err.value.status == 504 and time.monotonic() - started < 5
+        pool.registry["slow"] = str(folders / "adapters" / "good-a")
+        assert pool.ensure_loaded("slow", set()) is None  # the step loop never waits: ask again later
+        with pytest.raises(AdapterError, match="took over"):
+            pool.ensure_loaded("slow", set(), wait=True)
+    finally:
+        gate.set()
