@@ -3,7 +3,9 @@
 Every iteration of the loop (:meth:`Scheduler.step`):
 
 1. **Admit.** Waiting requests join a *prefill group* as soon as the running batch has room (``max_batch_size``
-   rows) and their adapter can get a pool slot (adapters of running rows are pinned, never evicted).
+   rows) and their adapter can get a pool slot (adapters of running rows are pinned, never evicted). A request
+   whose adapter is being read (the pool reads files in its own threads, never in a step) waits in the queue
+   while the others go on.
 2. **Prefill, one chunk.** The group's prompts (left-padded together) advance into the group's own KV cache by
    ``prefill_chunk // rows`` positions (a token budget per iteration, like vLLM's chunked prefill). A long prompt
    therefore costs the running rows one chunk of delay per iteration, not its whole prefill. When the group's
@@ -22,8 +24,9 @@ request's offline generation whatever joins or leaves around it (``tests/serve/t
 only when nothing is running, and it runs until its last row finishes.
 
 Isolation: an error that belongs to one row (sampling, detokenizing, its stream callback, loading its adapter)
-fails that row only. A failing prefill of several rows is retried one row at a time, so only the row that causes
-it fails. A failing decode step fails the rows in it (their cache is gone) and the loop goes on.
+fails that row only, with one error event; a failed request never returns to the queue. A failing prefill of
+several rows is retried one row at a time, so only the row that causes it fails. A failing decode step fails the
+rows in it (their cache is gone) and the loop goes on.
 """
 
 from __future__ import annotations
