@@ -269,7 +269,8 @@ class AdapterPool:
 
         The read runs in a reader thread: the call answers ``None`` while it runs (ask again; ``wait=True`` blocks
         until it ends) and raises its AdapterError when it failed (400) or passed ``read_timeout_s`` (504); 404 when
-        ``name`` is not registered. Call it with the step lock held (it writes slots), never to wait on a read.
+        ``name`` is not registered. Call it with the step lock held (it writes slots); ``wait=True`` is for offline
+        use and tests, never for a running server's step loop.
         """
         slot = self.slot_of(name)
         if slot is not None:
