@@ -5,11 +5,15 @@ An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`
 ``(W_up (r, k), W_down (d, r), scaling)`` and one activation (LoRA: ``lora_A``/``lora_B``, the identity) -- after
 checking, in this order:
 
-1. the folder has both files (a pickle-only folder is named as such: pickle is never loaded);
-2. the config is a JSON object that passes ``NoraConfig``'s or peft ``LoraConfig``'s validation, with positive
+1. the folder has both files (a pickle-only folder is named as such: pickle is never loaded), each a regular file
+   opened without blocking (a FIFO or device is refused, not waited on) and, with ``within``, resolving inside that
+   folder (a link that leaves it is refused before it is read);
+2. the config is a JSON object (at most :data:`MAX_CONFIG_BYTES`; nesting too deep to parse is a clean error)
+   that passes ``NoraConfig``'s or peft ``LoraConfig``'s validation, with positive
    integer ranks and finite alphas, and uses nothing a per-row mixed pass cannot apply;
 3. the weights file is a complete safetensors file whose keys are LoRA or NoRA weights, each a 2-D floating tensor
-   with finite values, of the shape the config's rank and the expected layer give;
+   with finite values (also after the cast to the compute ``dtype``), of the shape the config's rank and the
+   expected layer give;
 4. each layer's rank is at most ``max_rank`` and its scaling is finite and at most :data:`MAX_ABS_SCALING`.
 
 :func:`check_shapes` is the one place that compares what an adapter holds with what a model expects (also used by
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,8 @@ LORA_UNSUPPORTED = (
 )
 
 
+#: The largest ``adapter_config.json`` read (bytes); ``save_pretrained`` writes a few KiB.
+MAX_CONFIG_BYTES = 1 << 20
 #: safetensors dtype names of the floating types an adapter may store.
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 #: The largest |scaling| accepted: LoRA/rsLoRA/NoRA scalings (alpha/r, alpha/sqrt(r)) of trained adapters are O(1..100).
@@ -107,27 +114,102 @@ def check_shapes(
         )
 
 
-def read_config(folder: str | os.PathLike, label: str | None = None) -> NoraConfig | LoraConfig:
-    """The validated ``NoraConfig`` or ``LoraConfig`` of an adapter folder (weights file checked to be complete)."""
+def read_config(
+    folder: str | os.PathLike, label: str | None = None, *, within: str | os.PathLike | None = None
+) -> NoraConfig | LoraConfig:
+    """The validated ``NoraConfig`` or ``LoraConfig`` of an adapter folder (weights file checked to be complete).
+
+    Both files must be regular files (a FIFO or device is refused, never opened for a blocking read); with
+    ``within``, both must also resolve inside that folder (a link that leaves it is refused before it is read).
+    """
     folder = Path(folder)
     label = label or str(folder)
     cfg_path = folder / CONFIG_NAME
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         raise CheckpointError(
             f"Adapter {label} is not a peft adapter folder: it has no {CONFIG_NAME} (what `model.save_pretrained(...)` "
             "writes; `nora train` puts it in RUN_DIR/adapter)."
         )
+    data = _read_small_file(folder, CONFIG_NAME, label, within, MAX_CONFIG_BYTES)
+    if os.path.lexists(folder / WEIGHTS_NAME):
+        os.close(open_adapter_file(folder, WEIGHTS_NAME, label, within))  # regular and inside, before it is read
     try:
         check_adapter_weights_file(str(folder))  # names a pickle-only folder; never loads pickle
     except ValueError as e:
         raise CheckpointError(str(e).replace(str(folder), label)) from None
+    except RecursionError:  # json's recursion on a header nesting thousands of brackets
+        raise CheckpointError(f"Adapter {label}: {WEIGHTS_NAME} has a header nested too deeply to read.") from None
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        raw = json.loads(data.decode("utf-8"))
+    except ValueError as e:
         raise CheckpointError(f"Adapter {label}: {CONFIG_NAME} is not readable JSON ({e}).") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"Adapter {label}: {CONFIG_NAME} is nested too deeply to read; a peft config is a flat JSON object."
+        ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"Adapter {label}: {CONFIG_NAME} must be a JSON object; got a {type(raw).__name__}.")
     return _build_config(raw, label)
+
+
+def open_adapter_file(folder: Path, name: str, label: str, within: str | os.PathLike | None = None) -> int:
+    """A read-only descriptor of the regular file ``folder/name``; :class:`CheckpointError` for anything else.
+
+    The open never blocks (``O_NONBLOCK``: a FIFO would otherwise wait for a writer forever) and the descriptor is
+    checked, not the name, so a file swapped after a check is still caught. With ``within``, the file must resolve
+    inside that folder, checked before the open and again on the opened file where ``/proc`` says what it is.
+    Messages name the file, never where a link points or what it holds.
+    """
+    path = folder / name
+    root = Path(within).resolve() if within is not None else None
+    outside = (
+        f"Adapter {label}: {name} is a link to a file outside the adapters folder; copy the file into the "
+        "adapter's folder instead."
+    )
+    if root is not None and not _resolves_inside(path, root):
+        raise CheckpointError(outside)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise CheckpointError(
+            f"Adapter {label}: {name} cannot be opened ({type(e).__name__}); check the file and its permissions."
+        ) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(
+                f"Adapter {label}: {name} is not a regular file (a FIFO, device, socket or folder); an adapter's "
+                "files are plain files, as `save_pretrained` writes them."
+            )
+        opened = _descriptor_path(fd)
+        if root is not None and opened is not None and not _resolves_inside(Path(os.readlink(opened)), root):
+            raise CheckpointError(outside)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _resolves_inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def _descriptor_path(fd: int) -> str | None:
+    """A path that opens the very file behind ``fd`` (Linux's ``/proc/self/fd``), or ``None`` where there is none."""
+    path = f"/proc/self/fd/{fd}"
+    return path if os.path.exists(path) else None
+
+
+def _read_small_file(folder: Path, name: str, label: str, within: str | os.PathLike | None, limit: int) -> bytes:
+    """The bytes of ``folder/name`` (a regular file, see :func:`open_adapter_file`), refused over ``limit`` bytes."""
+    with os.fdopen(open_adapter_file(folder, name, label, within), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"Adapter {label}: {name} is over {limit // 1024} KiB; a peft config is a few KiB.")
+    return data
 
 
 def _build_config(raw: dict, label: str) -> NoraConfig | LoraConfig:
@@ -137,15 +219,24 @@ def _build_config(raw: dict, label: str) -> NoraConfig | LoraConfig:
     elif peft_type == "LORA":
         cls = LoraConfig
     else:
-        raise CheckpointError(f"Adapter {label} has peft_type {peft_type!r}; only 'NORA' and 'LORA' adapters are read.")
+        raise CheckpointError(
+            f"Adapter {label} has peft_type {_short(repr(peft_type))}; only 'NORA' and 'LORA' adapters are read."
+        )
     names = {f.name for f in dataclasses.fields(cls)} - {"peft_type"}
     try:
         config = cls(**{k: v for k, v in raw.items() if k in names})
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"Adapter {label}: {CONFIG_NAME} is not a valid {cls.__name__}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+        raise CheckpointError(
+            f"Adapter {label}: {CONFIG_NAME} is not a valid {cls.__name__}: {_short(str(e))}"
+        ) from None
     if cls is LoraConfig:
         _validate_lora(config, label)
     return config
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters: a message quotes a field, never a whole file."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_mixable(config: NoraConfig | LoraConfig, label: str) -> None:
@@ -206,6 +297,8 @@ def read_checkpoint(
     expected: dict[str, tuple[int, int]] | None = None,
     max_rank: int | None = None,
     label: str | None = None,
+    within: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
 ) -> AdapterCheckpoint:
     """Read and validate an adapter folder; raise :class:`CheckpointError` naming the problem.
 
@@ -221,10 +314,13 @@ def read_checkpoint(
         max_rank: the largest rank accepted on any layer (``None``: ``min(d, k)`` of each layer when ``expected``
             is given, else no limit).
         label: how messages name the adapter (default: the folder path).
+        within: a folder every file must resolve inside (links that leave it are refused); ``None``: anywhere.
+        dtype: the dtype the weights will be computed in: their values must be finite after the cast to it
+            (1e300 is finite in float64 but infinite in float32).
     """
     folder = Path(folder)
     label = label or str(folder)
-    config = read_config(folder, label)
+    config = read_config(folder, label, within=within)
     _check_mixable(config, label)
     nora = isinstance(config, NoraConfig)
     checkpoint = AdapterCheckpoint(
@@ -233,23 +329,39 @@ def read_checkpoint(
         activation=config.activation if nora else "identity",
         config=config,
     )
-    try:
-        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+    fd = open_adapter_file(folder, WEIGHTS_NAME, label, within)
+    try:  # safetensors opens by name: the descriptor's own path keeps it on the file just checked
+        with safe_open(_descriptor_path(fd) or str(folder / WEIGHTS_NAME), framework="pt") as f:
             header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
             layers = _plan_layers(config, header, expected, max_rank, label)
             for module, (up_key, down_key, scaling) in layers.items():
                 up, down = f.get_tensor(up_key), f.get_tensor(down_key)
-                for key, t in ((up_key, up), (down_key, down)):
-                    if not bool(torch.isfinite(t).all()):
-                        raise CheckpointError(
-                            f"Adapter {label} has NaN or infinite values in {key}; retrain or re-save it."
-                        )
+                _check_finite(up, up_key, label, dtype)
+                _check_finite(down, down_key, label, dtype, scaling)  # the server folds the scaling into W_down
                 checkpoint.modules[module] = (up, down, scaling)
     except CheckpointError:
         raise
-    except Exception as e:  # safetensors raises its own error types for a malformed file
+    except Exception as e:  # safetensors raises its own error types for a malformed file (also RecursionError)
         raise CheckpointError(f"Adapter {label}: {WEIGHTS_NAME} could not be read ({type(e).__name__}).") from None
+    finally:
+        os.close(fd)
     return checkpoint
+
+
+def _check_finite(t: torch.Tensor, key: str, label: str, dtype: torch.dtype | None, scale: float = 1.0) -> None:
+    """Refuse NaN / inf values, and values that (times ``scale``) become infinite in the compute ``dtype``."""
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"Adapter {label} has NaN or infinite values in {key}; retrain or re-save it.")
+    if dtype is None:
+        return
+    largest = float(t.abs().max()) * abs(scale)  # a Python float: float64, where 1e300 stays finite
+    if largest > torch.finfo(dtype).max:
+        times = "" if scale == 1.0 else f" times the scaling {scale:.3g}"
+        raise CheckpointError(
+            f"Adapter {label} has values in {key} too large for {str(dtype).removeprefix('torch.')}, the dtype this "
+            f"model computes in (largest |value|{times}: {largest:.3g}, at most {torch.finfo(dtype).max:.3g}); "
+            "retrain or re-save it."
+        )
 
 
 def _plan_layers(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,97 @@ def test_check_fits_model_before_peft_loads(tmp_path, arch, method):
     wider = tiny_causal_lm(arch, **({"n_embd": 48} if arch == "gpt2" else {"hidden_size": 48}))
     with pytest.raises(CheckpointError, match=r"(?s)does not fit.*needs \(4, 48\)"):
         check_fits_model(tmp_path / "a", wider, label="'a'")
+
+
+# -- hostile files: nesting, FIFOs, links out of the folder, values that overflow the compute dtype ----------------
+def nested_safetensors(path: Path, depth: int = 100_000) -> None:
+    """A weights file whose header is valid-looking JSON nested ``depth`` brackets deep."""
+    header = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_deeply_nested_config_is_refused(nora_dir):
+    (nora_dir / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(nora_dir, "nested too deeply")
+
+
+def test_deeply_nested_weights_header_is_refused(nora_dir):
+    nested_safetensors(nora_dir / "adapter_model.safetensors")
+    refused(nora_dir, "nested too deeply")
+
+
+def finishes_within(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``'s result or exception, failing the test if it blocks longer than ``seconds``."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 -- handed back to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn.__name__} blocked for over {seconds}s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_fifo_is_refused_without_blocking(nora_dir, name):
+    (nora_dir / name).unlink()
+    os.mkfifo(nora_dir / name)
+    with pytest.raises(CheckpointError, match=f"{name} is not a regular file") as err:
+        finishes_within(10, read_checkpoint, nora_dir, label="'x'")
+    assert str(nora_dir) not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_links_that_leave_the_folder_are_refused_unread(tmp_path, base, name):
+    root = tmp_path / "adapters"
+    save(base, AdapterSpec(r=4, target_modules=["q_proj"]), root / "a")
+    secret, inside = tmp_path / "secret", root / "a" / "moved"
+    for folder in (secret, inside):
+        folder.mkdir()
+        (folder / name).write_bytes((root / "a" / name).read_bytes())
+    (root / "a" / name).unlink()
+    os.symlink(secret / name, root / "a" / name)
+    message = refused(root / "a", f"{name} is a link to a file outside", within=root)
+    assert str(secret) not in message
+    assert read_checkpoint(root / "a", within=tmp_path).modules  # the same link, inside the allowed folder
+    (root / "a" / name).unlink()
+    os.symlink(inside / name, root / "a" / name)
+    assert read_checkpoint(root / "a", within=root).modules  # a link that stays inside is followed
+
+
+def test_values_that_overflow_the_compute_dtype_are_refused(nora_dir, linear_shapes):
+    def huge(tensors):
+        for k, v in tensors.items():
+            if "up" in k:
+                tensors[k] = v.to(torch.float64)
+                tensors[k][0, 0] = 1e300  # finite in float64, inf in float32 and bfloat16
+
+    edit_tensors(nora_dir, huge)
+    assert read_checkpoint(nora_dir, expected=linear_shapes, dtype=torch.float64).modules  # fits float64
+    message = refused(nora_dir, "too large for float32", expected=linear_shapes, dtype=torch.float32)
+    assert "1e+300" in message
+    refused(nora_dir, "too large for bfloat16", expected=linear_shapes, dtype=torch.bfloat16)
+
+
+def test_the_scaling_folded_into_w_down_must_not_overflow(nora_dir, linear_shapes):
+    edit_config(nora_dir, alpha=40)  # scaling alpha/r = 10
+    scaling = next(iter(read_checkpoint(nora_dir).modules.values()))[2]
+    assert scaling == pytest.approx(10)
+    big = torch.finfo(torch.float32).max / 2  # finite in float32 on its own, not times 10
+
+    def huge(tensors):
+        for k, v in tensors.items():
+            if "down" in k:
+                v[0, 0] = big
+
+    edit_tensors(nora_dir, huge)
+    read_checkpoint(nora_dir, expected=linear_shapes, dtype=torch.float64)
+    refused(nora_dir, "times the scaling 10", expected=linear_shapes, dtype=torch.float32)

@@ -106,7 +106,7 @@ class Engine:
             if name in self.pool.slots:
                 self.pool.remove(name)
 
-    def _slot_for(self, req: GenRequest, pinned: set[str]) -> int:
+    def _slot_for(self, req: GenRequest, pinned: set[str]) -> int | None:
         """The pool slot for ``req``'s adapter (``-1``: the base model), loading it if it was evicted."""
         name = req.adapter
         if name is None:
@@ -117,7 +117,7 @@ class Engine:
         if slot is None:
             if name not in pinned and len(pinned) >= self.pool.capacity:
                 raise AdapterError("Every adapter slot is in use by running requests.", status=503)
-            slot = self.pool.add(self.pool.read(name), pinned)
+            slot = self.pool.ensure_loaded(name, pinned)  # None while its files are read off the step loop
         return slot
 
     # -- requests ---------------------------------------------------------------------------------------------

@@ -7,15 +7,26 @@ It also owns the registry of adapters a client may name (``name -> folder``): wh
 start-up plus what ``POST /v1/load_lora_adapter`` adds. Every adapter is read through
 :func:`nora_peft.checkpoint.read_checkpoint` against the base model's own linear layers (never the server's wrappers)
 with the rank limit, so a bad one is refused at load (400) or skipped at start-up with a logged reason, and the
-messages a client sees name the adapter, never a server path.
+messages a client sees name the adapter, never a server path. Every file is read as a regular file (a FIFO or device
+is refused, never waited on), from inside ``--adapters-dir`` (links that leave it are refused), with values that stay
+finite in the model's dtype.
+
+Reads never run on the scheduler's step loop: each runs in a reader thread with a deadline (``read_timeout_s``).
+The scheduler asks :meth:`AdapterPool.ensure_loaded`, which answers ``None`` while the adapter is being read (the
+request waits, the running rows go on), and adapters evicted from a slot stay in host memory (the
+``max_cpu_adapters`` most recently used; vLLM's ``max_cpu_loras``), so reloading one reads no file at all.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
@@ -27,6 +38,20 @@ from .layers import MultiAdapterLinear, SlotStacks
 log = logging.getLogger("nora_peft.serve")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 AdapterWeights = AdapterCheckpoint  # the pool holds checkpoints as read
+#: How long a failed read answers for its adapter before a request reads the files again (seconds): a burst of
+#: requests for a broken adapter fails together, and a fixed folder is read again soon after.
+FAILED_READ_TTL_S = 1.0
+
+
+@dataclass
+class _Read:
+    """One adapter read in a reader thread; ``ended`` is set once, by the reader or by the deadline."""
+
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    adapter: AdapterCheckpoint | None = None
+    error: AdapterError | None = None
+    ended: float | None = None
 
 
 def check_adapter_name(name: object, param: str = "lora_name") -> str:
@@ -53,6 +78,11 @@ class AdapterPool:
         allow_external_paths: accept ``lora_path`` outside ``adapters_dir`` (default: 403).
         max_rank: the largest adapter rank accepted (``None``: ``min(out, in)`` of each targeted layer).
         reserved: names no adapter may take (the base model's).
+        max_cpu_adapters: how many adapters without a slot stay in host memory, read and validated (evicted ones,
+            and those found at start-up beyond ``capacity``), least recently used dropped first; ``None``:
+            ``capacity`` (vLLM's ``max_cpu_loras`` default); ``0``: none.
+        read_timeout_s: how long one adapter read may take before its requests fail (504) and start-up skips it.
+        max_parallel_reads: reader threads reading files at once.
     """
 
     def __init__(
@@ -64,9 +94,17 @@ class AdapterPool:
         allow_external_paths: bool = False,
         max_rank: int | None = None,
         reserved: Iterable[str] = (),
+        max_cpu_adapters: int | None = None,
+        read_timeout_s: float = 30.0,
+        max_parallel_reads: int = 2,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"max_adapters must be >= 1; got {capacity}.")
+        if (max_cpu_adapters is not None and max_cpu_adapters < 0) or read_timeout_s <= 0 or max_parallel_reads < 1:
+            raise ValueError(
+                "max_cpu_adapters must be >= 0, read_timeout_s > 0 and max_parallel_reads >= 1; got "
+                f"{max_cpu_adapters}, {read_timeout_s}, {max_parallel_reads}."
+            )
         self.model = model
         self.capacity = capacity
         self.stacks = SlotStacks(next(model.parameters()).device)
@@ -85,6 +123,15 @@ class AdapterPool:
         self.reserved = set(reserved)
         self.registry: dict[str, str] = {}  # every adapter a client may name -> its folder
         self.refused = 0  # loads refused (bad adapters, taken names)
+        self.dtype = next(model.parameters()).dtype  # adapter values must stay finite in it
+        self.max_cpu_adapters = capacity if max_cpu_adapters is None else max_cpu_adapters
+        self.read_timeout_s = read_timeout_s
+        self.host: OrderedDict[str, AdapterCheckpoint] = OrderedDict()  # read, validated, no slot; LRU order
+        self.reads = 0  # adapter reads started (files opened)
+        self.host_hits = 0  # adapters put back into a slot from host memory, no file read
+        self._pending: dict[str, _Read] = {}  # reads for ensure_loaded, by name
+        self._mutex = threading.Lock()  # a read's result (reader thread) against its deadline (asking thread)
+        self._read_slots = threading.BoundedSemaphore(max_parallel_reads)
 
     def check_fits(self, adapter: AdapterCheckpoint) -> None:
         """Raise :class:`AdapterError` (400) unless every layer of ``adapter`` is a base linear layer it fits."""
@@ -101,22 +148,75 @@ class AdapterPool:
 
     # -- the registry: names a client may use ----------------------------------------------------------------
     def read(self, name: str, folder: str | Path | None = None) -> AdapterCheckpoint:
-        """Read and validate adapter ``name`` (from ``folder`` or its registered folder); 400 naming the problem."""
-        folder = Path(folder if folder is not None else self.registry[name])
+        """Read and validate adapter ``name`` (from ``folder`` or its registered folder); 400 naming the problem,
+        504 past ``read_timeout_s``. The files are read in a reader thread, so a hung file system cannot hang the
+        caller."""
+        job = self._start_read(name, Path(folder if folder is not None else self.registry[name]))
+        return self._result(name, job, expired=not job.done.wait(self.read_timeout_s))
+
+    def _read_now(self, name: str, folder: Path) -> AdapterCheckpoint:
+        """The read itself (in a reader thread): the checks of :func:`read_checkpoint`, errors as AdapterError."""
         try:
             return read_checkpoint(
-                folder, name=name, expected=self.linear_shapes, max_rank=self.max_rank, label=repr(name)
+                folder,
+                name=name,
+                expected=self.linear_shapes,
+                max_rank=self.max_rank,
+                label=repr(name),
+                within=None if self.allow_external_paths else self.root,
+                dtype=self.dtype,
             )
         except CheckpointError as e:
             raise AdapterError(self._redact(str(e), folder), param="lora_path") from None
-        except OSError as e:  # unreadable files: say what, not where
+        except (OSError, RecursionError, MemoryError) as e:  # unreadable files: say what, not where
             raise AdapterError(
                 f"Adapter {name!r} could not be read ({type(e).__name__}); check the folder's files and permissions.",
                 param="lora_path",
             ) from None
 
+    def _start_read(self, name: str, folder: Path) -> _Read:
+        """Read ``name`` from ``folder`` in a daemon thread (at most ``max_parallel_reads`` read at once)."""
+        job = _Read()
+        self.reads += 1
+
+        def run() -> None:
+            adapter, error = None, None
+            with self._read_slots:
+                try:
+                    adapter = self._read_now(name, folder)
+                except AdapterError as e:
+                    error = e
+                except Exception as e:  # a reader thread must always answer
+                    log.exception("reading adapter %s failed", name)
+                    error = AdapterError(f"Adapter {name!r} could not be read ({type(e).__name__}).", status=500)
+            with self._mutex:
+                if job.ended is None:  # else the deadline passed and its requests were told so
+                    job.adapter, job.error, job.ended = adapter, error, time.monotonic()
+            job.done.set()
+
+        threading.Thread(target=run, name="nora-adapter-read", daemon=True).start()
+        return job
+
+    def _result(self, name: str, job: _Read, expired: bool = False) -> AdapterCheckpoint | None:
+        """``job``'s adapter, ``None`` while it runs; raises its error, or a 504 once past ``read_timeout_s`` (or
+        ``expired``: the caller waited that long)."""
+        with self._mutex:
+            if job.ended is None and (expired or time.monotonic() - job.started > self.read_timeout_s):
+                job.ended = time.monotonic()
+                job.error = AdapterError(
+                    f"Reading adapter {name!r} took over {self.read_timeout_s:g}s (a slow or hung file system?); "
+                    "check its files, then retry.",
+                    status=504,
+                    param="lora_path",
+                )
+                log.error("reading adapter %s took over %.0fs; its requests fail", name, self.read_timeout_s)
+        if job.error is not None:
+            raise job.error
+        return job.adapter
+
     def load_dir(self) -> None:
-        """Register every valid adapter folder under ``adapters_dir`` and fill the free slots; log and skip bad ones."""
+        """Register every valid adapter folder under ``adapters_dir``, filling the free slots first and host memory
+        next; log and skip bad ones (a read that fails or passes ``read_timeout_s`` skips that adapter only)."""
         for name, folder in scan_adapters_dir(self.root).items():
             if name in self.reserved or not self._allowed(Path(folder).resolve()):
                 log.error("skipping adapter %s: its name is taken or its folder leaves --adapters-dir", name)
@@ -129,6 +229,8 @@ class AdapterPool:
             self.registry[name] = folder
             if len(self.slots) < self.capacity:
                 self.add(adapter)
+            else:
+                self._keep(adapter)
 
     def prepare(self, name: object, path: object) -> tuple[AdapterCheckpoint, str]:
         """The checks of a load request that need no lock: name (400), free name (409), path (403), adapter (400)."""
@@ -146,6 +248,7 @@ class AdapterPool:
     def install(self, adapter: AdapterCheckpoint, folder: str, pinned: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         """Register ``adapter`` (read by :meth:`prepare`) and give it a slot; 409 if the name was taken meanwhile."""
         self._check_free(adapter.name)
+        self._forget(adapter.name)  # nothing read for an earlier adapter of that name may come back
         self.add(adapter, pinned)
         self.registry[adapter.name] = folder
 
@@ -157,15 +260,60 @@ class AdapterPool:
                 f"Adapter {name!r} is not loaded; GET /v1/models lists them.", status=404, param="lora_name"
             )
         del self.registry[name]
+        self._forget(name)
         if name in self.slots:
             self.remove(name)
 
-    def ensure_loaded(self, name: str, pinned: set[str]) -> int:
-        """``name``'s slot, reading it again from its folder if it was evicted."""
+    def ensure_loaded(self, name: str, pinned: set[str], *, wait: bool = False) -> int | None:
+        """``name``'s slot: from host memory if it was evicted there, else read again from its folder.
+
+        The read runs in a reader thread: the call answers ``None`` while it runs (ask again; ``wait=True`` blocks
+        until it ends) and raises its AdapterError when it failed (400) or passed ``read_timeout_s`` (504); 404 when
+        ``name`` is not registered. Call it with the step lock held (it writes slots); ``wait=True`` is for offline
+        use and tests, never for a running server's step loop.
+        """
         slot = self.slot_of(name)
-        if slot is None:
-            slot = self.add(self.read(name), pinned)
-        return slot
+        if slot is not None:
+            return slot
+        adapter = self.fetch(name, wait=wait)
+        return None if adapter is None else self.add(adapter, pinned)
+
+    def fetch(self, name: str, *, wait: bool = False) -> AdapterCheckpoint | None:
+        """Registered adapter ``name`` read and validated: from host memory, else read in the background (``None``
+        while that runs, unless ``wait``). A failed read answers with its error for :data:`FAILED_READ_TTL_S`."""
+        if name not in self.registry:
+            self._forget(name)
+            raise AdapterError(f"The model {name!r} was unloaded.", status=404)
+        if name in self.host:
+            self.host.move_to_end(name)
+            self.host_hits += 1
+            return self.host[name]
+        job = self._pending.get(name)
+        if job is None or (job.error is not None and time.monotonic() - job.ended > FAILED_READ_TTL_S):
+            job = self._pending[name] = self._start_read(name, Path(self.registry[name]))
+        expired = wait and not job.done.wait(max(0.0, self.read_timeout_s - (time.monotonic() - job.started)))
+        adapter = self._result(name, job, expired)  # raises (and keeps the failed read for the others) on error
+        if adapter is None:
+            return None
+        del self._pending[name]
+        self._keep(adapter)  # until it gets a slot (add() takes it out), should every slot be busy now
+        return adapter
+
+    def _keep(self, adapter: AdapterCheckpoint) -> None:
+        """Hold ``adapter`` (no slot) in host memory, dropping unregistered and least recently used ones."""
+        if self.max_cpu_adapters == 0 or adapter.name not in self.registry:
+            return
+        self.host[adapter.name] = adapter
+        self.host.move_to_end(adapter.name)
+        for name in [n for n in self.host if n not in self.registry]:
+            del self.host[name]
+        while len(self.host) > self.max_cpu_adapters:
+            self.host.popitem(last=False)
+
+    def _forget(self, name: str) -> None:
+        """Drop what host memory and reads in flight hold for ``name`` (unloaded, or a new adapter takes it)."""
+        self.host.pop(name, None)
+        self._pending.pop(name, None)
 
     def _check_free(self, name: str) -> None:
         if name in self.registry:
@@ -227,10 +375,16 @@ class AdapterPool:
     def add(self, adapter: AdapterWeights, pinned: set[str] = frozenset()) -> int:  # type: ignore[assignment]
         """Put ``adapter`` into a slot (replacing one of the same name), evicting the LRU unpinned adapter if full."""
         self.check_fits(adapter)
+        held = self.host.pop(adapter.name, None)  # out of host memory before an eviction puts its victim there
         if adapter.name in self.slots:
             slot = self.slots[adapter.name]
         else:
-            slot = self._free_slot(pinned)
+            try:
+                slot = self._free_slot(pinned)
+            except AdapterError:
+                if held is not None:
+                    self._keep(held)
+                raise
         for module in adapter.modules:
             if module not in self.layers:
                 self._wrap(module)
@@ -258,9 +412,11 @@ class AdapterPool:
         return self.remove(victim)
 
     def remove(self, name: str) -> int:
-        """Free ``name``'s slot; returns the slot."""
+        """Free ``name``'s slot (keeping the adapter in host memory while it is registered); returns the slot."""
         slot = self.slots.pop(name)
-        self.adapters.pop(name, None)
+        adapter = self.adapters.pop(name, None)
+        if adapter is not None:
+            self._keep(adapter)
         self.stacks.release(slot)
         return slot
 
@@ -276,7 +432,10 @@ class AdapterPool:
 
 
 def scan_adapters_dir(folder: str | Path | None) -> dict[str, str]:
-    """``{name: path}`` for each sub-folder of ``folder`` holding an ``adapter_config.json`` (also ``*/adapter``)."""
+    """``{name: path}`` for each sub-folder of ``folder`` holding an ``adapter_config.json`` (also ``*/adapter``).
+
+    Any entry of that name counts (a FIFO or a dangling link too), so that reading it refuses it with a logged reason
+    instead of skipping it silently; nothing is opened here."""
     found: dict[str, str] = {}
     if folder is None:
         return found
@@ -285,7 +444,7 @@ def scan_adapters_dir(folder: str | Path | None) -> dict[str, str]:
         raise FileNotFoundError(f"--adapters-dir {root} is not a directory; create it or point at the right one.")
     for sub in sorted(root.iterdir()):
         for candidate in (sub, sub / "adapter"):  # a `nora train` run dir keeps its adapter in RUN_DIR/adapter
-            if (candidate / "adapter_config.json").is_file():
+            if os.path.lexists(candidate / "adapter_config.json"):
                 if NAME_RE.fullmatch(sub.name) and ".." not in sub.name:
                     found[sub.name] = str(candidate)
                 else:

@@ -3,7 +3,9 @@
 Every iteration of the loop (:meth:`Scheduler.step`):
 
 1. **Admit.** Waiting requests join a *prefill group* as soon as the running batch has room (``max_batch_size``
-   rows) and their adapter can get a pool slot (adapters of running rows are pinned, never evicted).
+   rows) and their adapter can get a pool slot (adapters of running rows are pinned, never evicted). A request
+   whose adapter is being read (the pool reads files in its own threads, never in a step) waits in the queue
+   while the others go on.
 2. **Prefill, one chunk.** The group's prompts (left-padded together) advance into the group's own KV cache by
    ``prefill_chunk // rows`` positions (a token budget per iteration, like vLLM's chunked prefill). A long prompt
    therefore costs the running rows one chunk of delay per iteration, not its whole prefill. When the group's
@@ -22,8 +24,9 @@ request's offline generation whatever joins or leaves around it (``tests/serve/t
 only when nothing is running, and it runs until its last row finishes.
 
 Isolation: an error that belongs to one row (sampling, detokenizing, its stream callback, loading its adapter)
-fails that row only. A failing prefill of several rows is retried one row at a time, so only the row that causes
-it fails. A failing decode step fails the rows in it (their cache is gone) and the loop goes on.
+fails that row only, with one error event; a failed request never returns to the queue. A failing prefill of
+several rows is retried one row at a time, so only the row that causes it fails. A failing decode step fails the
+rows in it (their cache is gone) and the loop goes on.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from .metrics import ServeMetrics
 log = logging.getLogger("nora_peft.serve")
 
 Policy = Literal["continuous", "wave"]
+#: How often an otherwise idle loop looks again at requests whose adapters are being read (seconds).
+STALL_POLL_S = 0.005
 
 
 class StepLock:
@@ -153,7 +158,9 @@ class Scheduler:
         tokenizer: decodes generated tokens for streaming and stop strings.
         stacks: the slot layout the per-step mapping is built from.
         slot_for: ``slot_for(request, pinned)`` -> the pool slot for the request's adapter (loading it if needed;
-            ``-1`` for the base); raises :class:`AdapterError` (status 503 while every slot is pinned).
+            ``-1`` for the base; ``None`` while the adapter is read off the step loop: the request waits and is
+            asked for again next step); raises :class:`AdapterError` (status 503 while every slot is pinned; any
+            other error fails the request once).
         metrics: where latencies and counters go.
         lock: held during every step (adapter loads and unloads take it too).
         eos_ids, pad_id: end-of-sequence ids and the padding id.
@@ -195,6 +202,7 @@ class Scheduler:
         self.batch = _Batch()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stalled = False  # the last admission found only requests that wait (see _wait_for_work)
 
     # -- the public side ----------------------------------------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
@@ -219,7 +227,13 @@ class Scheduler:
         return {r.req.adapter for r in rows if r.req.adapter is not None}
 
     def abort_adapter(self, name: str, status: int, message: str) -> None:
-        """Fail the rows in flight that use adapter ``name`` (call with ``lock`` held, e.g. before unloading it)."""
+        """Fail the requests that use adapter ``name``, queued or in flight (call with ``lock`` held, e.g. before
+        unloading it); each gets one error event and is gone."""
+        with self.cv:
+            queued = [req for req in self.waiting if req.adapter == name]
+            self.waiting = deque(req for req in self.waiting if req.adapter != name)
+        for req in queued:
+            self._fail(req, status, message)
         if self.group and any(r.req.adapter == name for r in self.group.rows):
             for row in self.group.rows:  # the group shares one cache: the others start again
                 if row.req.adapter == name:
@@ -264,15 +278,17 @@ class Scheduler:
                 time.sleep(0)  # let the thread waiting for the lock (adapter load / unload) take it between steps
 
     def _wait_for_work(self) -> bool:
-        """Block while idle; when the first request arrives, wait ``batch_wait_s`` for company."""
+        """Block while idle; when the first request arrives, wait ``batch_wait_s`` for company. While every waiting
+        request waits for its adapter's read, look again every ``STALL_POLL_S`` (a submit wakes the loop at once)."""
         if self.batch.rows or self.group:
             return True
         with self.cv:
-            if not self.waiting:
-                self.cv.wait(timeout=0.05)
+            stalled, self._stalled = self._stalled and bool(self.waiting), False
+            if not self.waiting or stalled:
+                self.cv.wait(timeout=STALL_POLL_S if stalled else 0.05)
                 if not self.waiting:
                     return False
-        if self.batch_wait_s > 0 and len(self.waiting) < self.max_batch_size:
+        if not stalled and self.batch_wait_s > 0 and len(self.waiting) < self.max_batch_size:
             time.sleep(self.batch_wait_s)
         return True
 
@@ -297,6 +313,8 @@ class Scheduler:
                 if not self.waiting:
                     break
                 req = self.waiting.popleft()
+            if req.finished is not None:  # failed or finished elsewhere (e.g. its adapter was unloaded): gone
+                continue
             if req.cancelled:
                 self._finish_cancelled(req)
                 continue
@@ -306,7 +324,8 @@ class Scheduler:
                 continue
             row = self._row_for(req, pinned)
             if row is None:
-                deferred.append(req)
+                if req.finished is None:  # waiting for a slot or for its adapter's read; a failed one is dropped
+                    deferred.append(req)
                 continue
             if row.solo and rows:  # retried alone after a failed group prefill
                 deferred.append(req)
@@ -316,12 +335,17 @@ class Scheduler:
                 break
         with self.cv:
             self.waiting.extendleft(reversed(deferred))
+        # nothing to run and every waiting request waits (for an adapter read): the loop sleeps instead of spinning
+        self._stalled = not rows and not self.batch.rows and bool(deferred)
         return self._make_group(rows) if rows else None
 
     def _row_for(self, req: GenRequest, pinned: set[str]) -> _Row | None:
-        """The row for ``req`` (its adapter loaded and pinned), or ``None`` to wait for a free slot."""
+        """The row for ``req`` (its adapter loaded and pinned), or ``None``: the request waits (for a free slot, or
+        while its adapter is read) when ``req.finished`` is still ``None``, else it has failed (once, for good)."""
         try:
             slot = self.slot_for(req, pinned)
+            if slot is None:  # its adapter is being read off the step loop: ask again next step
+                return None
         except AdapterError as e:
             if e.status == 503 and pinned:  # every slot is busy: wait until a running row leaves
                 return None
@@ -546,7 +570,8 @@ class Scheduler:
         self.metrics.finished(req, "cancelled", time.monotonic())
 
     def _fail(self, req: GenRequest, status: int, message: str) -> None:
-        if req.finished is not None and req.finished != "error":
+        """End ``req`` with one error event; a request that has already ended (an error included) is left alone."""
+        if req.finished is not None:
             return
         req.finished = "error"
         self.metrics.finished(req, "error", time.monotonic())
@@ -570,6 +595,7 @@ def _sample_one(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
     if req.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < req.top_p
+        keep[0] = True  # the most likely token always stays (a tiny top_p is 0 in float32: nothing would be kept)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator)[0])
 

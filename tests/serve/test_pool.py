@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -101,14 +103,29 @@ def test_external_paths_and_rank_limit(folders):
 
 def test_an_evicted_adapter_is_validated_again_when_read_back(folders, tmp_path):
     shutil.copytree(folders / "adapters", tmp_path / "adapters", symlinks=True)
-    pool = AdapterPool(tiny_causal_lm("llama"), 1, adapters_dir=str(tmp_path / "adapters"))
+    pool = AdapterPool(tiny_causal_lm("llama"), 1, adapters_dir=str(tmp_path / "adapters"), max_cpu_adapters=0)
     pool.load_dir()
     assert list(pool.slots) == ["good-a"]
     edit_config(tmp_path / "adapters" / "good-a", activation="bogus")  # changed on disk after registration
-    pool.ensure_loaded("run-b", set())  # evicts good-a
+    assert pool.ensure_loaded("run-b", set(), wait=True) == 0  # evicts good-a (no host memory: forgotten)
     with pytest.raises(AdapterError, match="activation must be one of") as err:
-        pool.ensure_loaded("good-a", set())
+        pool.ensure_loaded("good-a", set(), wait=True)
     assert str(tmp_path) not in str(err.value)
+
+
+def test_evicted_adapters_come_back_from_host_memory_without_a_read(folders, tmp_path):
+    shutil.copytree(folders / "adapters", tmp_path / "adapters", symlinks=True)
+    pool = AdapterPool(tiny_causal_lm("llama"), 1, adapters_dir=str(tmp_path / "adapters"), max_cpu_adapters=1)
+    pool.load_dir()  # good-a gets the slot, run-b (read at start-up) waits in host memory
+    assert list(pool.slots) == ["good-a"] and list(pool.host) == ["run-b"]
+    reads = pool.reads
+    shutil.rmtree(tmp_path / "adapters" / "good-a")  # host memory answers without touching the folder
+    for name in ["run-b", "good-a", "run-b", "good-a"]:
+        assert pool.ensure_loaded(name, set()) == 0  # at once: no read to wait for
+        assert list(pool.slots) == [name] and set(pool.host) == {"good-a", "run-b"} - {name}
+    assert pool.reads == reads and pool.host_hits == 4
+    pool.unload("run-b")  # an unloaded adapter is forgotten, in host memory too
+    assert not pool.host and list(pool.slots) == ["good-a"]
 
 
 def test_check_fits_names_layers_the_base_does_not_have(folders):
@@ -122,3 +139,22 @@ def test_check_fits_names_layers_the_base_does_not_have(folders):
     adapter.modules = {m: (torch.zeros(4, 7), down, s) for m, (_, down, s) in pool.read("good-a").modules.items()}
     with pytest.raises(AdapterError, match="the model needs"):
         pool.check_fits(adapter)
+
+
+def test_a_read_that_hangs_is_a_504_after_the_deadline(folders, monkeypatch):
+    from nora_peft.serve import pool as pool_module
+
+    gate = threading.Event()
+    monkeypatch.setattr(pool_module, "read_checkpoint", lambda *a, **k: gate.wait(60))
+    pool = pool_for(folders, read_timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(AdapterError, match="took over 0.2s") as err:
+            pool.prepare("new", "good-a")  # the load route: the HTTP thread waits at most the deadline
+        assert err.value.status == 504 and time.monotonic() - started < 5
+        pool.registry["slow"] = str(folders / "adapters" / "good-a")
+        assert pool.ensure_loaded("slow", set()) is None  # the step loop never waits: ask again later
+        with pytest.raises(AdapterError, match="took over"):
+            pool.ensure_loaded("slow", set(), wait=True)
+    finally:
+        gate.set()
