@@ -27,6 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch-size", type=int, default=defaults.max_batch_size, help="rows per batched generation"
     )
+    parser.add_argument(
+        "--max-cpu-adapters",
+        type=int,
+        default=None,
+        help="evicted adapters kept in host memory (default: --max-adapters; 0: none)",
+    )
+    parser.add_argument(
+        "--adapter-read-timeout",
+        type=float,
+        default=defaults.adapter_read_timeout_s,
+        help="seconds one adapter's files may take to read (504 past it)",
+    )
+    parser.add_argument(
+        "--max-parallel-reads", type=int, default=defaults.max_parallel_reads, help="adapter reads at once"
+    )
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
     parser.add_argument(
         "--batch-wait-ms", type=float, default=defaults.batch_wait_ms, help="how long a batch waits for company"
@@ -82,6 +97,9 @@ def config_from_args(args: argparse.Namespace, base_name: str) -> ServeConfig:
         adapters_dir=args.adapters_dir,
         allow_external_paths=args.allow_external_paths,
         max_adapters=args.max_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        adapter_read_timeout_s=args.adapter_read_timeout,
+        max_parallel_reads=args.max_parallel_reads,
         max_lora_rank=args.max_lora_rank,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,

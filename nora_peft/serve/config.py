@@ -17,7 +17,12 @@ class ServeConfig:
         base_name: the base model's name in ``model`` fields.
         adapters_dir: folder of adapter folders loaded at start (and where relative ``lora_path`` values resolve).
         allow_external_paths: allow ``lora_path`` outside ``adapters_dir``.
-        max_adapters: adapters held in memory (LRU beyond).
+        max_adapters: adapters held in the model's slots (LRU beyond).
+        max_cpu_adapters: evicted adapters kept in host memory, most recently used first, so that reloading one reads
+            no file (``None``: as many as ``max_adapters``; 0: none).
+        adapter_read_timeout_s: how long one adapter's files may take to read; past it that adapter's requests get a
+            504 (reads run in background threads, never in the generation loop).
+        max_parallel_reads: adapter reads running at once.
         max_lora_rank: largest adapter rank (``None``: min(d, k) of each layer).
         max_batch_size: rows per batched step.
         max_queue: waiting requests before a 503.
@@ -47,6 +52,9 @@ class ServeConfig:
     adapters_dir: str | None = None
     allow_external_paths: bool = False
     max_adapters: int = 16
+    max_cpu_adapters: int | None = None
+    adapter_read_timeout_s: float = 30.0
+    max_parallel_reads: int = 2
     max_lora_rank: int | None = None
     max_batch_size: int = 16
     max_queue: int = 256
@@ -68,11 +76,21 @@ class ServeConfig:
     max_connections_per_client: int = 128
 
     def __post_init__(self) -> None:
-        positive = ("max_adapters", "max_batch_size", "max_queue", "prefill_chunk", "max_body_bytes", "max_connections")
+        positive = (
+            "max_adapters",
+            "max_parallel_reads",
+            "max_batch_size",
+            "max_queue",
+            "prefill_chunk",
+            "max_body_bytes",
+            "max_connections",
+        )
         for name in (*positive, "max_connections_per_client", "max_stop_strings", "max_stop_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}.")
-        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
+        if self.max_cpu_adapters is not None and self.max_cpu_adapters < 0:
+            raise ValueError(f"max_cpu_adapters must be 0 or more; got {self.max_cpu_adapters}.")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "adapter_read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds; got {getattr(self, name)}.")
         if self.scheduler not in ("continuous", "wave"):

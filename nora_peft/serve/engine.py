@@ -59,6 +59,9 @@ class Engine:
             allow_external_paths=config.allow_external_paths,
             max_rank=config.max_lora_rank,
             reserved={config.base_name},
+            max_cpu_adapters=config.max_cpu_adapters,
+            read_timeout_s=config.adapter_read_timeout_s,
+            max_parallel_reads=config.max_parallel_reads,
         )
         self.registry = self.pool.registry  # every adapter a client may name
         self.lock = StepLock()

@@ -13,3 +13,9 @@ class AdapterError(ValueError):
         super().__init__(message)
         self.status = status
         self.param = param
+
+
+def timeout_message(seconds: float) -> str:
+    """The one wording of ``request_timeout_s`` expiring, whether the scheduler drops a request still queued or the
+    server stops waiting for a first token."""
+    return f"The request waited over {seconds:g}s for its first token (queued or in prefill); retry later."

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from .errors import AdapterError
+from .errors import AdapterError, timeout_message
 from .layers import SlotStacks, StepMapping
 from .metrics import ServeMetrics
 
@@ -181,7 +181,7 @@ class Scheduler:
         max_batch_size: int = 16,
         max_queue: int = 256,
         batch_wait_s: float = 0.005,
-        request_timeout_s: float = 120.0,
+        request_timeout_s: float,
         prefill_chunk: int = 128,
         policy: Policy = "continuous",
     ) -> None:
@@ -320,7 +320,7 @@ class Scheduler:
                 continue
             if now - req.enqueued > self.request_timeout_s:
                 self.metrics.rejected("timeout")
-                self._fail(req, 503, f"Request waited over {self.request_timeout_s:.0f}s in the queue; retry later.")
+                self._fail(req, 503, timeout_message(self.request_timeout_s))
                 continue
             row = self._row_for(req, pinned)
             if row is None:

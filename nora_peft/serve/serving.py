@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from .config import ServeConfig
+from .errors import timeout_message
 from .protocol import Reply, SafeJSON, SamplingRequest, error_body, error_response, safe_message, sse
 from .scheduler import GenRequest
 
@@ -144,7 +145,7 @@ def _failed(event: Event, config: ServeConfig) -> Response:
     if kind == "timeout":
         return error_response(
             503,
-            f"The request waited over {config.request_timeout_s:g}s for a free place in the batch; retry later.",
+            timeout_message(config.request_timeout_s),
             retry_after=config.retry_after_s,
         )
     if kind == "disconnect":
