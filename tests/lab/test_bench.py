@@ -127,3 +127,27 @@ def test_train_and_mixed_sections_take_a_shape_and_decode_paths_are_checked(tmp_
     assert {row["hidden"] for row in results["mixed"]} == {64} and {row["r"] for row in results["mixed"]} == {16}
     with pytest.raises(SystemExit, match=r"--decode: unknown path\(s\) \['cudagraph'\]; choose from eager, static"):
         cli_main(["bench", "--what", "latency", "--quick", "--decode", "cudagraph"])
+
+
+def test_a_failing_decode_path_is_recorded_and_the_others_still_measured(monkeypatch):
+    from nora_peft.lab.bench import latency
+
+    real = latency.decode_fn
+
+    def decode_fn(model, ids, new_tokens, path):
+        if path != "static":
+            return real(model, ids, new_tokens, path)
+
+        def fail():
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        return fail
+
+    monkeypatch.setattr(latency, "decode_fn", decode_fn)
+    model = small_llama(hidden=32, layers=1, vocab=64)
+    got = latency.measure_latency(
+        model, rank=4, seq_len=8, repeats=1, rounds=2, decode_tokens=3, decode_repeats=1, paths=("static", "eager")
+    )
+    assert got["errors"] == {"static": "RuntimeError: operation not permitted when stream is capturing"}
+    assert list(got["decode_paths"]) == ["eager"] and len(got["decode_paths"]["eager"]) == 2
+    assert {row["path"] for row in got["table"]} == {"eager"}

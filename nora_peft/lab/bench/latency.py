@@ -118,7 +118,9 @@ def measure_latency(
     ``(rank,)``), against LoRA at ``merged_rank`` (default: the largest rank) merged, on each decode path.
 
     Returns ``{"rank", "ranks", "merged_rank", "rounds": [[prefill rows]], "decode_paths": {path: [[decode rows]]},
-    "decode_rounds" (the first path's), "table" (:func:`table_rows`), "setting", "decode_setting"}``; a row is
+    "decode_rounds" (the first path's), "table" (:func:`table_rows`), "errors" ({path: message} of decode paths that
+    failed, e.g. a CUDA graph that could not be captured; the others are still measured), "setting",
+    "decode_setting"}``; a row is
     ``{"label", "role", "ms", "rel_latency" (vs base), "tokens_per_s" | "decode_tokens_per_s", "method", "r",
     "merged", "adapter_parameters", "times_ms"}``. ``decode_tokens=0`` skips decode. ``model`` is not modified.
     """
@@ -133,17 +135,24 @@ def measure_latency(
     decode = {p: {k: decode_fn(m, prompt, decode_tokens, p) for k, (m, _) in variants.items()} for p in paths}
     graph = {p: p == "graph" and device.type == "cuda" for p in paths}
     out: dict[str, Any] = {"rank": ranks[0], "ranks": list(ranks), "merged_rank": merged_rank, "rounds": []}
+    out["errors"] = {}  # decode path -> the error that stopped it (its rows are left out)
     out["decode_paths"] = {p: [] for p in paths} if decode_tokens else {}
     for i in range(rounds):
         log(f"latency round {i + 1}/{rounds}: prefill {batch_size}x{seq_len}, decode {decode_tokens} tokens {paths}")
         times = alternate(prefill, repeats=repeats, warmup=warmup if i == 0 else 1, device=device)
         out["rounds"].append(_round_rows(variants, times, batch_size * seq_len, "tokens_per_s"))
-        for path in out["decode_paths"]:
-            times = alternate(decode[path], repeats=decode_repeats, warmup=1, device=device)
+        for path in [p for p in out["decode_paths"] if p not in out["errors"]]:
+            try:
+                times = alternate(decode[path], repeats=decode_repeats, warmup=1, device=device)
+            except (RuntimeError, ValueError) as exc:  # e.g. a capture failure: keep the other paths' numbers
+                log(f"latency: decode path {path} failed: {exc}")
+                out["errors"][path] = f"{type(exc).__name__}: {exc}"
+                continue
             rows = _round_rows(variants, times, batch_size * decode_tokens, "decode_tokens_per_s")
             out["decode_paths"][path].append([r | {"decode_path": path, "cuda_graph": graph[path]} for r in rows])
+    out["decode_paths"] = {p: rounds for p, rounds in out["decode_paths"].items() if p not in out["errors"]}
     out["decode_rounds"] = next(iter(out["decode_paths"].values()), [])
-    out["table"] = table_rows(out) if decode_tokens else []
+    out["table"] = table_rows(out) if out["decode_rounds"] else []
     dtype = next(model.parameters()).dtype
     where = f"{device}, {torch.get_num_threads()} threads, {dtype}"
     targets = adapter.get("target_modules", "the adapter default targets")
