@@ -37,10 +37,22 @@ BOOL_MASK_ATTENTION = ("sdpa", "nora_folded_sdpa")
 ADDITIVE_MASK_ATTENTION = ("eager",)
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    """The causal LM inside peft wrappers (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _forward_parameters(model: nn.Module) -> set[str]:
-    """Keyword arguments the innermost causal LM's ``forward`` names (through peft wrappers)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(inner.forward).parameters)
+    """Keyword arguments the innermost causal LM's ``forward`` names."""
+    return set(inspect.signature(_inner(model).forward).parameters)
+
+
+def _vocab_rows(model: nn.Module) -> int:
+    """How many token ids the logits hold: the output embedding's rows (some checkpoints pad it past the config's
+    ``vocab_size``), else the config's vocabulary."""
+    head = _inner(model).get_output_embeddings() if hasattr(_inner(model), "get_output_embeddings") else None
+    rows = getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    return max(rows, model.config.get_text_config().vocab_size)
 
 
 class StaticDecoder:
@@ -100,7 +112,7 @@ class StaticDecoder:
         self.key_valid = torch.ones(b, n, dtype=torch.bool, device=dev)  # False at the prompt's padding
         self.finished = torch.zeros(b, dtype=torch.bool, device=dev)
         self.seq = torch.zeros(b, n, dtype=torch.long, device=dev)  # every row's tokens by cache position
-        self.stop = torch.zeros(self.config.get_text_config().vocab_size, dtype=torch.bool, device=dev)
+        self.stop = torch.zeros(_vocab_rows(self.model), dtype=torch.bool, device=dev)
         self.pad = torch.zeros((), dtype=torch.long, device=dev)
 
     def _forward_kwargs(self) -> dict:

@@ -140,3 +140,16 @@ def test_cuda_graph_decode_equals_generate_and_replays_across_calls():
         got = decoder.generate(ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
         assert torch.equal(got, reference(model, ids, mask, eos=eos))
     assert decoder._captured is not None
+
+
+def test_a_head_padded_past_the_config_vocabulary_decodes_its_extra_ids():
+    """Some checkpoints pad the embeddings past ``config.vocab_size``; an argmax there must not index out of range."""
+    model = tiny_causal_lm("llama")
+    model.resize_token_embeddings(VOCAB + 7)
+    model.config.vocab_size = VOCAB  # as such a checkpoint's config says
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB + 3] = 10 * model.lm_head.weight[:VOCAB].std() * torch.randn(32)  # often the argmax
+    ids, mask = left_padded()
+    got = greedy_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=VOCAB + 3, pad_token_id=0)
+    assert (got == VOCAB + 3).any()
+    assert torch.equal(got, reference(model, ids, mask, eos=VOCAB + 3))
