@@ -56,11 +56,11 @@ def _vocab_rows(model: nn.Module) -> int:
 
 
 class StaticDecoder:
-    """Greedy decoding of batches of ``batch_size`` rows, up to ``max_cache_len`` tokens (prompt + new) per row.
+    """Greedy decoding of batches of up to ``batch_size`` rows, up to ``max_cache_len`` tokens (prompt + new) per row.
 
     Args:
         model: a causal LM (or a peft model around one) in eval mode, on its device.
-        batch_size: rows per call; a decoder serves one batch size (its cache and graph are shaped by it).
+        batch_size: rows per call, at most (the cache and graph are shaped by it; fewer rows are filled up).
         max_cache_len: prompt plus new tokens, at most, per call.
         graph: capture the decode step as a CUDA graph; ``None``: on CUDA devices, not elsewhere.
         check_every: decode steps between checks whether every row has stopped (each check syncs the host).
@@ -161,7 +161,7 @@ class StaticDecoder:
 
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> None:
         b, length = input_ids.shape
-        if b != self.batch_size:
+        if not 1 <= b <= self.batch_size:
             raise ValueError(f"this decoder was built for batch_size={self.batch_size}, got {b} rows")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
@@ -219,24 +219,29 @@ class StaticDecoder:
     ) -> torch.Tensor:
         """Greedy continuation of ``input_ids`` (left-padded; ``attention_mask`` 1 on tokens, 0 on padding).
 
-        Returns ``(batch, prompt_len + n)`` token ids as ``generate`` returns them: ``n <= max_new_tokens`` new tokens,
+        Up to the decoder's ``batch_size`` rows (a smaller batch reuses the same cache and graph).
+        Returns ``(rows, prompt_len + n)`` token ids as ``generate`` returns them: ``n <= max_new_tokens`` new tokens,
         ``n`` smaller only when every row emitted one of ``eos_token_id`` (then ``pad_token_id`` follows it in its
         row; default: the first stop id). ``eos_token_id=None`` decodes exactly ``max_new_tokens``.
         """
         self._check(input_ids, attention_mask, max_new_tokens)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
-        length = input_ids.shape[1]
+        (rows, length), fill = input_ids.shape, self.batch_size - input_ids.shape[0]
+        if fill:  # a smaller batch fills the decoder's rows with copies of its first row, whose output is dropped
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, -1)])
+            mask = torch.cat([mask, mask[:1].expand(fill, -1)])
         with torch.inference_mode():
             self._set_stops(eos_token_id, pad_token_id)
             self._prefill(input_ids, mask)
+            self.finished[rows:] = True  # the filler rows never hold decoding up
             steps = 1
             while steps < max_new_tokens:
                 if steps % self.check_every == 0 and bool(self.finished.all()):
                     break
                 self._run_step()
                 steps += 1
-            new = self.seq[:, length : length + steps].clone()
-        return torch.cat([input_ids, new[:, : _kept_length(new, self.stop)]], dim=1)
+            new = self.seq[:rows, length : length + steps].clone()
+        return torch.cat([input_ids[:rows], new[:, : _kept_length(new, self.stop)]], dim=1)
 
 
 def _kept_length(new: torch.Tensor, stop: torch.Tensor) -> int:

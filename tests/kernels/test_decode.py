@@ -101,6 +101,17 @@ def test_a_decoder_is_reused_across_prompts_and_batches_of_its_size():
     assert torch.equal(decoder.generate(one, max_new_tokens=4), reference(model, one, torch.ones_like(one), new=4))
 
 
+def test_a_smaller_batch_reuses_the_decoder_and_its_rows_still_stop_on_their_own():
+    model = tiny_causal_lm("llama")
+    decoder = StaticDecoder(model, batch_size=4, max_cache_len=32, graph=False)
+    ids, mask = left_padded(batch=3)
+    eos = a_stop_token(model, ids, mask)
+    for rows in (3, 2, 1):
+        want = reference(model, ids[-rows:], mask[-rows:], eos=eos)
+        got = decoder.generate(ids[-rows:], mask[-rows:], max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(got, want), rows
+
+
 def test_stops_on_any_of_several_eos_ids_and_decodes_exactly_n_without_eos():
     model = tiny_causal_lm("llama")
     ids, mask = left_padded()
@@ -139,7 +150,10 @@ def test_cuda_graph_decode_equals_generate_and_replays_across_calls():
         eos = a_stop_token(model, ids, mask)
         got = decoder.generate(ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
         assert torch.equal(got, reference(model, ids, mask, eos=eos))
-    assert decoder._captured is not None
+    captured = decoder._captured
+    assert captured is not None
+    got = decoder.generate(ids[1:], mask[1:], max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, reference(model, ids[1:], mask[1:], eos=eos)) and decoder._captured is captured
 
 
 def test_a_head_padded_past_the_config_vocabulary_decodes_its_extra_ids():
