@@ -94,3 +94,60 @@ def test_stacked_mixed_variant_computes_what_peft_adapter_names_computes():
     torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         assert not torch.allclose(base(input_ids=ids).logits, want, atol=1e-3)  # the adapters do change the output
+
+
+def test_latency_section_gives_table3_rows_on_a_shape_for_every_decode_path(tmp_path):
+    out = tmp_path / "t3.json"
+    argv = ["bench", "--what", "latency", "--quick", "--threads", "1", "--device", "cpu", "--json", str(out)]
+    argv += ["--model", "shape:tiny", "--targets", "q_proj,v_proj", "--ranks", "4,8", "--merged-rank", "16"]
+    assert cli_main(argv + ["--decode", "eager,static,graph"]) == 0
+    lat = json.loads(out.read_text())["latency"]
+    assert lat["model_parameters"] == 106_816 and "bfloat16" in lat["setting"]
+    assert (
+        sorted(lat["decode_paths"]) == ["eager", "graph", "static"]  # (JSON keys are written sorted)
+        and lat["decode_rounds"] == lat["decode_paths"]["eager"]
+    )
+    table = lat["table"]
+    labels = ["base", "lora-r16-merged", "lora-r4", "lora-r8", "nora-r4", "nora-r8"]
+    assert [(r["path"], r["label"]) for r in table] == [
+        (p, label) for p in ("eager", "static", "graph") for label in labels
+    ]
+    # shape:tiny: q 64 -> 64 and v 64 -> 32 in each of 2 layers: r * (64 + 64 + 64 + 32) * 2 adapter parameters
+    assert all(r["adapter_parameters"] == 448 * r["r"] for r in table)
+    assert all(r["rel_latency"] == 1.0 for r in table if r["label"] == "lora-r16-merged")
+    assert all(r["tokens_per_s"] > 0 and not r["cuda_graph"] for r in table)  # no CUDA here: graph runs as static
+
+
+def test_train_and_mixed_sections_take_a_shape_and_decode_paths_are_checked(tmp_path):
+    out = tmp_path / "s.json"
+    argv = ["bench", "--what", "train,mixed", "--quick", "--threads", "1", "--device", "cpu", "--json", str(out)]
+    assert cli_main(argv + ["--model", "shape:tiny", "--targets", "q_proj,v_proj", "--rank", "16"]) == 0
+    results = json.loads(out.read_text())
+    assert results["train"][0]["precision"] == "bf16" and results["train"][0]["nora_ms"] > 0
+    assert {row["hidden"] for row in results["mixed"]} == {64} and {row["r"] for row in results["mixed"]} == {16}
+    with pytest.raises(SystemExit, match=r"--decode: unknown path\(s\) \['cudagraph'\]; choose from eager, static"):
+        cli_main(["bench", "--what", "latency", "--quick", "--decode", "cudagraph"])
+
+
+def test_a_failing_decode_path_is_recorded_and_the_others_still_measured(monkeypatch):
+    from nora_peft.lab.bench import latency
+
+    real = latency.decode_fn
+
+    def decode_fn(model, ids, new_tokens, path):
+        if path != "static":
+            return real(model, ids, new_tokens, path)
+
+        def fail():
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        return fail
+
+    monkeypatch.setattr(latency, "decode_fn", decode_fn)
+    model = small_llama(hidden=32, layers=1, vocab=64)
+    got = latency.measure_latency(
+        model, rank=4, seq_len=8, repeats=1, rounds=2, decode_tokens=3, decode_repeats=1, paths=("static", "eager")
+    )
+    assert got["errors"] == {"static": "RuntimeError: operation not permitted when stream is capturing"}
+    assert list(got["decode_paths"]) == ["eager"] and len(got["decode_paths"]["eager"]) == 2
+    assert {row["path"] for row in got["table"]} == {"eager"}

@@ -74,9 +74,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random-init benchmark Llama")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (a smoke run, not numbers)")
     parser.add_argument(
-        "--model", default=None, help="latency/real: a named base (smollm2-135m) or HF folder (default: random Llama)"
+        "--model",
+        default=None,
+        help="a benchmark shape (shape:llama-3-8b, shape:llama-3-1b, shape:smollm2-135m, shape:tiny: random init, "
+        "bf16), a named base (smollm2-135m) or HF folder (default: the random Llama of --hidden)",
     )
-    parser.add_argument("--rank", type=int, default=None, help="latency/real: adapter rank (default per section)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="cast --model to this dtype")
+    parser.add_argument("--rank", type=int, default=None, help="latency/real/mixed: adapter rank (default per section)")
+    parser.add_argument(
+        "--ranks", default=None, help="latency/train: comma list of unmerged adapter ranks (latency default: --rank)"
+    )
+    parser.add_argument(
+        "--decode",
+        default="eager",
+        help="infer/latency: comma list of decode paths: eager (generate), static (static KV cache), graph (static "
+        "KV cache + CUDA graph; as static on a CPU)",
+    )
+    parser.add_argument("--seq-len", type=int, default=None, help="train/real: training sequence length")
+    parser.add_argument("--batch-size", type=int, default=None, help="train/real: training batch size")
     parser.add_argument(
         "--targets", default=None, help="latency/real/load: comma list of module names to adapt (default per section)"
     )

@@ -61,6 +61,23 @@ def small_llama(
     return AutoModelForCausalLM.from_config(config).to(device).eval()
 
 
+def load_bench_model(name: str | None, args: Any, device: torch.device) -> nn.Module:
+    """``--model NAME`` in eval mode on ``device``: a benchmark shape (``shape:llama-3-8b``, random init, bf16 unless
+    ``--dtype``), a named base or folder (via ``nora_peft.bases``), or without a name the random-init Llama."""
+    from ...bases.shapes import build_shape, is_shape
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[getattr(args, "dtype", None)]
+    if is_shape(name):
+        return build_shape(name, device=device, dtype=dtype)
+    if not name:
+        model = small_llama(32 if args.quick else args.hidden, 1 if args.quick else 4, device=device)
+    else:
+        from ...bases.named import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(name)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def alternate(
     fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int, device: torch.device
 ) -> dict[str, list[float]]:

@@ -1,11 +1,17 @@
-"""``--what latency``: the paper's claim (5) -- unmerged NoRA vs merged LoRA vs unmerged LoRA, prefill and decode.
+"""``--what latency``: the paper's claim (5) and Table 3 -- unmerged NoRA vs merged LoRA vs unmerged LoRA, prefill
+and decode, on any decode path.
 
-The variants are built once; every *round* times prefill (one forward of ``batch x seq_len`` tokens) and decode
-(greedy ``generate`` of ``decode_tokens`` after a ``decode_prompt``-token prompt, KV cache) of every variant
-alternately, ``repeats`` times each, and keeps every time and the medians. A round's overhead is the median over
-repeats of the paired ratio (the variants of one repeat ran back to back); the 95% CIs are Student-t over rounds
-(``lab.stats.latency_overheads``). The study's latency step stores :func:`measure_latency`'s result as
-``latency.json``; the report only reads it.
+The variants are built once: the base, LoRA at ``merged_rank`` merged into the weights (Table 3's reference: LoRA
+r=512 merged), and LoRA and NoRA unmerged at each of ``ranks``. Every *round* times prefill (one forward of
+``batch x seq_len`` tokens) and decode (greedy decode of ``decode_tokens`` after a ``decode_prompt``-token prompt) of
+every variant alternately, ``repeats`` times each, on each decode path (``--decode eager,static,graph``, see
+:mod:`.infer`), and keeps every time and the medians. A round's overhead is the median over repeats of the paired
+ratio (the variants of one repeat ran back to back); the 95% CIs are Student-t over rounds (``lab.stats``). The
+``table`` holds Table 3's rows per path: adapter parameters, tok/s and latency relative to merged LoRA.
+
+Table 3 on a GPU: ``--model shape:llama-3-8b --targets q_proj,v_proj --ranks 64,128 --merged-rank 512
+--decode eager,graph``. The study's latency step stores :func:`measure_latency`'s result as ``latency.json``; the
+report only reads it.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import torch
 import torch.nn as nn
 
 from ...methods import AdapterSpec
-from ..stats import latency_overheads, mean_ci
-from .harness import alternate, log, median_ms, random_ids, small_llama
-from .infer import adapter_variants, generate_fn, prefill_fn
+from ..stats import latency_overheads, mean_ci, round_overhead
+from .harness import alternate, load_bench_model, log, median_ms, random_ids
+from .infer import decode_fn, decode_paths, prefill_fn, variant
 
 #: the variants of claim (5), by role
 ROLES = ("base", "lora_merged", "lora_unmerged", "nora_unmerged")
+
+__all__ = ["ROLES", "load_bench_model", "measure_latency", "table_rows"]
 
 
 def _role(info: dict) -> str:
@@ -47,11 +55,55 @@ def _round_rows(variants: dict, times: dict[str, list[float]], tokens: int, rate
     ]
 
 
+def latency_variants(
+    model: nn.Module, adapter: dict[str, Any], ranks: tuple[int, ...], merged_rank: int
+) -> dict[str, tuple[nn.Module, dict]]:
+    """label -> (model, info): ``base`` (``model`` itself), merged LoRA at ``merged_rank``, then unmerged LoRA and
+    NoRA at each of ``ranks`` (copies; ``model`` is not modified)."""
+    out = {"base": (model, {"method": "base", "r": 0, "merged": False, "adapter_parameters": 0})}
+    entries = [(AdapterSpec(method="lora", r=merged_rank, **adapter), True)]
+    entries += [(AdapterSpec(method=m, r=r, **adapter), False) for m in ("lora", "nora") for r in ranks]
+    for spec, merged in entries:
+        label, adapted, info = variant(model, spec, merged)
+        out[label] = (adapted, info)
+    return out
+
+
+def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table 3's rows from :func:`measure_latency`'s result: per decode path and variant, adapter parameters, decode
+    tok/s (mean and 95% CI over rounds) and latency relative to merged LoRA (paired per repeat, CI over rounds)."""
+    rows = []
+    for path, rounds in result["decode_paths"].items():
+        ref = next(r["label"] for r in rounds[0] if r["method"] == "lora" and r["merged"])
+        for i, first in enumerate(rounds[0]):
+            rate = mean_ci(rnd[i]["decode_tokens_per_s"] for rnd in rounds)
+            rel = mean_ci(1 + round_overhead(rnd[i], next(r for r in rnd if r["label"] == ref)) for rnd in rounds)
+            rows.append(
+                {
+                    "path": path,
+                    "cuda_graph": first["cuda_graph"],
+                    "label": first["label"],
+                    "method": first["method"],
+                    "r": first["r"],
+                    "merged": first["merged"],
+                    "adapter_parameters": first["adapter_parameters"],
+                    "tokens_per_s": rate.mean,
+                    "tokens_per_s_ci": [rate.lo, rate.hi],
+                    "rel_latency_vs": ref,
+                    "rel_latency": rel.mean,
+                    "rel_latency_ci": [rel.lo, rel.hi],
+                }
+            )
+    return rows
+
+
 def measure_latency(
     model: nn.Module,
     adapter: dict[str, Any] | None = None,
     *,
     rank: int = 8,
+    ranks: tuple[int, ...] | None = None,
+    merged_rank: int | None = None,
     batch_size: int = 1,
     seq_len: int = 128,
     repeats: int = 10,
@@ -60,73 +112,89 @@ def measure_latency(
     decode_prompt: int = 16,
     decode_repeats: int = 3,
     warmup: int = 2,
+    paths: tuple[str, ...] = ("eager",),
 ) -> dict[str, Any]:
-    """Claim-(5) latency of ``model`` with LoRA and NoRA at ``rank`` (``adapter``: further ``AdapterSpec`` fields).
+    """Latency of ``model`` with LoRA and NoRA (``adapter``: further ``AdapterSpec`` fields) at ``ranks`` (default
+    ``(rank,)``), against LoRA at ``merged_rank`` (default: the largest rank) merged, on each decode path.
 
-    Returns ``{"rank", "rounds": [[prefill rows]], "decode_rounds": [[decode rows]], "setting", "decode_setting"}``;
-    a row is ``{"label", "role", "ms", "rel_latency", "tokens_per_s" | "decode_tokens_per_s", "method", "r",
-    "merged"}``. ``decode_tokens=0`` skips decode. ``model`` is not modified.
+    Returns ``{"rank", "ranks", "merged_rank", "rounds": [[prefill rows]], "decode_paths": {path: [[decode rows]]},
+    "decode_rounds" (the first path's), "table" (:func:`table_rows`), "errors" ({path: message} of decode paths that
+    failed, e.g. a CUDA graph that could not be captured; the others are still measured), "setting",
+    "decode_setting"}``; a row is
+    ``{"label", "role", "ms", "rel_latency" (vs base), "tokens_per_s" | "decode_tokens_per_s", "method", "r",
+    "merged", "adapter_parameters", "times_ms"}``. ``decode_tokens=0`` skips decode. ``model`` is not modified.
     """
     adapter = dict(adapter or {})
+    ranks = tuple(ranks or (rank,))
+    merged_rank = merged_rank or max(ranks)
     device = next(model.parameters()).device
-    specs = [AdapterSpec(method=m, r=rank, **adapter) for m in ("lora", "nora")]
-    variants = {k: v for k, v in adapter_variants(model, specs).items() if _role(v[1]) in ROLES}
+    variants = latency_variants(model, adapter, ranks, merged_rank)
     ids = random_ids(batch_size, seq_len, model.config.vocab_size, device)
     prompt = random_ids(batch_size, decode_prompt, model.config.vocab_size, device, seed=2)
     prefill = {k: prefill_fn(m, ids) for k, (m, _) in variants.items()}
-    decode = {k: generate_fn(m, prompt, decode_tokens) for k, (m, _) in variants.items()}
-    out: dict[str, Any] = {"rank": rank, "rounds": [], "decode_rounds": []}
+    decode = {p: {k: decode_fn(m, prompt, decode_tokens, p) for k, (m, _) in variants.items()} for p in paths}
+    graph = {p: p == "graph" and device.type == "cuda" for p in paths}
+    out: dict[str, Any] = {"rank": ranks[0], "ranks": list(ranks), "merged_rank": merged_rank, "rounds": []}
+    out["errors"] = {}  # decode path -> the error that stopped it (its rows are left out)
+    out["decode_paths"] = {p: [] for p in paths} if decode_tokens else {}
     for i in range(rounds):
-        log(f"latency round {i + 1}/{rounds}: prefill {batch_size}x{seq_len}, decode {decode_tokens} tokens")
+        log(f"latency round {i + 1}/{rounds}: prefill {batch_size}x{seq_len}, decode {decode_tokens} tokens {paths}")
         times = alternate(prefill, repeats=repeats, warmup=warmup if i == 0 else 1, device=device)
         out["rounds"].append(_round_rows(variants, times, batch_size * seq_len, "tokens_per_s"))
-        if decode_tokens:
-            times = alternate(decode, repeats=decode_repeats, warmup=1, device=device)
-            out["decode_rounds"].append(_round_rows(variants, times, batch_size * decode_tokens, "decode_tokens_per_s"))
-    where = f"{device}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}"
+        for path in [p for p in out["decode_paths"] if p not in out["errors"]]:
+            try:
+                times = alternate(decode[path], repeats=decode_repeats, warmup=1, device=device)
+            except (RuntimeError, ValueError) as exc:  # e.g. a capture failure: keep the other paths' numbers
+                log(f"latency: decode path {path} failed: {exc}")
+                out["errors"][path] = f"{type(exc).__name__}: {exc}"
+                continue
+            rows = _round_rows(variants, times, batch_size * decode_tokens, "decode_tokens_per_s")
+            out["decode_paths"][path].append([r | {"decode_path": path, "cuda_graph": graph[path]} for r in rows])
+    out["decode_paths"] = {p: rounds for p, rounds in out["decode_paths"].items() if p not in out["errors"]}
+    out["decode_rounds"] = next(iter(out["decode_paths"].values()), [])
+    out["table"] = table_rows(out) if out["decode_rounds"] else []
+    dtype = next(model.parameters()).dtype
+    where = f"{device}, {torch.get_num_threads()} threads, {dtype}"
     targets = adapter.get("target_modules", "the adapter default targets")
-    out["setting"] = f"r={rank} on {targets}, prefill batch {batch_size} x {seq_len} tokens, {where}"
+    out["setting"] = (
+        f"r={list(ranks)} (LoRA r={merged_rank} merged) on {targets}, prefill {batch_size} x {seq_len}, {where}"
+    )
     out["decode_setting"] = (
-        f"r={rank}, greedy decode of {decode_tokens} tokens after a {decode_prompt}-token prompt, batch {batch_size}, "
-        f"KV cache, {where}"
+        f"r={list(ranks)}, greedy decode of {decode_tokens} tokens after a {decode_prompt}-token prompt, batch "
+        f"{batch_size}, paths {list(paths)}, {where}"
     )
     return out
-
-
-def load_bench_model(name: str | None, args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """``--model NAME`` (a named base or folder, via ``nora_peft.bases``) or the random-init Llama, in eval mode."""
-    if not name:
-        return small_llama(32 if args.quick else args.hidden, 1 if args.quick else 4, device=device)
-    from ...bases.named import load_model_and_tokenizer
-
-    model, _ = load_model_and_tokenizer(name)
-    return model.to(device).eval()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--rounds``: latency rounds (CIs are over rounds)."""
     parser.add_argument("--rounds", type=int, default=None, help="latency: rounds (95%% CIs over rounds; default 5)")
+    parser.add_argument("--merged-rank", type=int, default=None, help="latency: merged LoRA's rank (default: max rank)")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="latency: tokens per decode (default 32)")
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The section's results under the key ``latency``."""
     q = args.quick
+    paths = decode_paths(args.decode)
     model = load_bench_model(args.model, args, device)
     targets = args.targets.split(",") if args.targets else None
-    return {
-        "latency": measure_latency(
-            model,
-            {"target_modules": targets} if targets else None,
-            rank=args.rank or 8,
-            seq_len=16 if q else 128,
-            repeats=args.repeats or (2 if q else 10),
-            rounds=args.rounds or (2 if q else 5),
-            decode_tokens=4 if q else 32,
-            decode_repeats=1 if q else 3,
-            warmup=1,
-        )
-        | {"model": args.model or "random-init Llama"}
-    }
+    result = measure_latency(
+        model,
+        {"target_modules": targets} if targets else None,
+        rank=args.rank or 8,
+        ranks=tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None,
+        merged_rank=args.merged_rank,
+        seq_len=16 if q else 128,
+        repeats=args.repeats or (2 if q else 10),
+        rounds=args.rounds or (2 if q else 5),
+        decode_tokens=args.decode_tokens or (4 if q else 32),
+        decode_repeats=1 if q else 3,
+        warmup=1,
+        paths=paths,
+    )
+    params = sum(p.numel() for p in model.parameters())
+    return {"latency": result | {"model": args.model or "random-init Llama", "model_parameters": params}}
 
 
 def print_tables(results: dict[str, Any]) -> None:
@@ -147,3 +215,13 @@ def print_tables(results: dict[str, Any]) -> None:
         if ov:
             for name, stat in ov.items():
                 print(f"NoRA unmerged overhead {name}: {stat.mean:+.1%} (95% CI {stat.lo:+.1%} .. {stat.hi:+.1%})")
+    if lat.get("table"):
+        print(f"\nTable 3 rows ({lat.get('model')}): decode tok/s and latency relative to merged LoRA, 95% CIs")
+        print(f"{'path':<7} {'graph':<5} {'label':<18} {'adapter params':>14} {'tok/s':>9} {'rel':>7} {'rel CI':>15}")
+        for row in lat["table"]:
+            lo, hi = row["rel_latency_ci"]
+            print(
+                f"{row['path']:<7} {'yes' if row['cuda_graph'] else 'no':<5} {row['label']:<18} "
+                f"{row['adapter_parameters']:>14,} {row['tokens_per_s']:>9.1f} {row['rel_latency']:>7.3f} "
+                f"{lo:>7.3f}..{hi:<7.3f}"
+            )

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ...kernels.mixed import mixed_delta, stack_adapters
 from ...methods import AdapterSpec, build_peft_model
 from ...tuner.layer import NoraLayer
-from .harness import ALL_LINEAR, alternate, log, median_ms, random_ids, small_llama
+from .harness import ALL_LINEAR, alternate, load_bench_model, log, median_ms, random_ids, small_llama
 
 
 def multi_adapter_model(base: nn.Module, spec: AdapterSpec, n: int) -> tuple[nn.Module, list[str]]:
@@ -114,10 +114,13 @@ def bench_mixed(
     warmup: int = 2,
     targets: list[str] | None = None,
     device: torch.device | None = None,
+    base: nn.Module | None = None,
 ) -> list[dict]:
-    """Per n distinct adapters in a batch of ``max(batch_size, n)`` rows (round-robin), every variant alternately."""
+    """Per n distinct adapters in a batch of ``max(batch_size, n)`` rows (round-robin), every variant alternately,
+    on ``base`` (default: a random-init Llama of ``hidden`` x ``layers``)."""
     device = device or torch.device("cpu")
-    base = small_llama(hidden, layers, device=device)
+    base = base if base is not None else small_llama(hidden, layers, device=device)
+    hidden = base.config.hidden_size
     targets = targets or ALL_LINEAR
     rows = []
     for n in n_adapters:
@@ -145,19 +148,38 @@ def bench_mixed(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--large-hidden``: the width of the extra wide configuration."""
+    """``--large-hidden``: the width of the extra wide configuration; ``--mixed-parts``: which shapes to run."""
     parser.add_argument(
         "--large-hidden", type=int, default=1024, help="mixed: the larger config's hidden size (0: skip)"
     )
+    parser.add_argument(
+        "--mixed-parts",
+        default=None,
+        help="mixed: comma list of prefill, decode, large (default: all; --quick: prefill; with --model: no large)",
+    )
+
+
+def _parts(args: argparse.Namespace) -> set[str]:
+    default = "prefill" if args.quick else "prefill,decode" if args.model else "prefill,decode,large"
+    parts = {p.strip() for p in (args.mixed_parts or default).split(",") if p.strip()}
+    if parts - {"prefill", "decode", "large"}:
+        raise SystemExit(f"--mixed-parts: unknown {sorted(parts - {'prefill', 'decode', 'large'})}")
+    return parts
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """``mixed`` (prefill shape), and unless ``--quick`` also ``mixed_decode`` (1 token/row) and ``mixed_large``."""
+    """``mixed`` (prefill shape), ``mixed_decode`` (1 token/row) and ``mixed_large`` (``--mixed-parts``), on the
+    random Llama or ``--model`` (e.g. ``shape:llama-3-8b``), at ``--rank`` (8) on ``--targets`` (all linears)."""
     q, rep = args.quick, args.repeats
+    parts = _parts(args)
     hidden, layers = (32, 1) if q else (args.hidden, 4)
+    base = load_bench_model(args.model, args, device) if args.model else None
+    targets = args.targets.split(",") if args.targets else None
     common = {"repeats": rep or (2 if q else 20), "warmup": 1 if q else 2, "device": device}
-    out = {
-        "mixed": bench_mixed(
+    common |= {"base": base, "targets": targets, "r": args.rank or 8}
+    out = {}
+    if "prefill" in parts:
+        out["mixed"] = bench_mixed(
             n_adapters=(1, 4) if q else (1, 8, 32, 128),
             batch_size=4 if q else 32,
             seq_len=4 if q else 32,
@@ -165,13 +187,16 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             layers=layers,
             **common,
         )
-    }
-    if q:
-        return out
-    out["mixed_decode"] = bench_mixed(
-        n_adapters=(1, 32), batch_size=32, seq_len=1, hidden=hidden, layers=layers, **common
-    )
-    if args.large_hidden:
+    if "decode" in parts:
+        out["mixed_decode"] = bench_mixed(
+            n_adapters=(1, 4) if q else (1, 32),
+            batch_size=4 if q else 32,
+            seq_len=1,
+            hidden=hidden,
+            layers=layers,
+            **common,
+        )
+    if "large" in parts and args.large_hidden:
         out["mixed_large"] = bench_mixed(
             n_adapters=(32,),
             batch_size=32,
@@ -181,6 +206,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             repeats=rep or 7,
             warmup=1,
             device=device,
+            r=args.rank or 8,
+            targets=targets,
         )
     return out
 

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 
 from ...methods import AdapterSpec
-from .harness import log, random_ids
+from .harness import load_bench_model, log, random_ids
 from .infer import decode_throughput
-from .latency import load_bench_model
 from .train import compare_train_steps, print_step_table, step_ratios
 
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -62,10 +61,8 @@ def train_rows(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, ``--seq-len``, ``--batch-size`` of the real-model training step."""
+    """``--precision`` of the real-model training step (``--seq-len`` 128 and ``--batch-size`` 4 by default)."""
     parser.add_argument("--precision", default="fp32", help="real: comma list of fp32, bf16 (CPU/CUDA autocast)")
-    parser.add_argument("--seq-len", type=int, default=128, help="real: training sequence length")
-    parser.add_argument("--batch-size", type=int, default=4, help="real: training batch size")
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -83,8 +80,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         rank=rank,
         targets=targets,
         dropouts=(0.0,) if q else (0.0, 0.05),
-        batch_size=2 if q else args.batch_size,
-        seq_len=16 if q else args.seq_len,
+        batch_size=2 if q else args.batch_size or 4,
+        seq_len=16 if q else args.seq_len or 128,
         repeats=args.repeats or (2 if q else 6),
         precisions=precisions,
     )

@@ -19,6 +19,7 @@ from ...methods import AdapterSpec, build_peft_model
 from .harness import (
     ALL_LINEAR,
     alternate,
+    load_bench_model,
     log,
     median_ms,
     paired_ratio,
@@ -106,10 +107,13 @@ def bench_train(
     warmup: int = 2,
     targets: list[str] | None = None,
     device: torch.device | None = None,
+    base: nn.Module | None = None,
 ) -> list[dict]:
-    """NoRA vs peft LoRA training step (fwd + bwd + AdamW) at equal rank and dropout, measured alternately."""
+    """NoRA vs peft LoRA training step (fwd + bwd + AdamW) at equal rank and dropout, measured alternately, on
+    ``base`` (default: a random-init Llama of ``hidden`` x ``layers``; a bf16 base trains under bf16 autocast)."""
     device = device or torch.device("cpu")
-    base = small_llama(hidden, layers, device=device)
+    base = base if base is not None else small_llama(hidden, layers, device=device)
+    autocast = torch.bfloat16 if next(base.parameters()).dtype == torch.bfloat16 else None
     ids = random_ids(batch_size, seq_len, base.config.vocab_size, device)
     rows = []
     for r in ranks:
@@ -118,11 +122,14 @@ def bench_train(
                 m: AdapterSpec(method=m, r=r, dropout=p, target_modules=targets or ALL_LINEAR) for m in ("lora", "nora")
             }
             log(f"train r={r} dropout={p}: timing {repeats} alternating repeats")
-            got = compare_train_steps(base, ids, specs, repeats=repeats, warmup=warmup)
+            got = compare_train_steps(base, ids, specs, repeats=repeats, warmup=warmup, autocast=autocast)
             rows.append(
                 {
                     "r": r,
                     "dropout": p,
+                    "batch_size": batch_size,
+                    "seq_len": seq_len,
+                    "precision": "bf16" if autocast else "fp32",
                     **step_ratios(got),
                     "lora_step_times_ms": got["step_times_ms"]["lora"],
                     "nora_step_times_ms": got["step_times_ms"]["nora"],
@@ -150,12 +157,14 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The section's results under the key ``train``."""
     q = args.quick
     rows = bench_train(
-        ranks=(8,) if q else (8, 64),
+        base=load_bench_model(args.model, args, device) if args.model else None,
+        targets=args.targets.split(",") if args.targets else None,
+        ranks=tuple(int(r) for r in args.ranks.split(",")) if args.ranks else (8,) if q else (8, 64),
         dropouts=(0.0,) if q else (0.0, 0.05),
         hidden=32 if q else args.hidden,
         layers=1 if q else 4,
-        seq_len=16 if q else 128,
-        batch_size=2 if q else 8,
+        seq_len=args.seq_len or (16 if q else 128),
+        batch_size=args.batch_size or (2 if q else 8),
         repeats=args.repeats or (2 if q else 10),
         warmup=1 if q else 2,
         device=device,
