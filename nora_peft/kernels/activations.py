@@ -45,7 +45,7 @@ def _identity_backward(grad: Tensor, z: Tensor) -> Tensor:
     return grad
 
 
-_TABLE = (
+_TABLE: tuple[Activation, ...] = (
     Activation("silu", F.silu, torch.ops.aten.silu_backward, 0),
     Activation("identity", _identity, _identity_backward, 1),
     Activation("relu", F.relu, lambda grad, z: grad.masked_fill(z <= 0, 0), 2),
@@ -59,9 +59,21 @@ TABLE: dict[str, Activation] = {a.name: a for a in _TABLE}
 #: the activation names, in the order of ``NoraConfig``'s ``Activation`` literal
 ACTIVATIONS: tuple[str, ...] = tuple(TABLE)
 
-for _act in _TABLE:  # rank padding and the all-zero slot for rows without an adapter rely on act(0) = 0
-    assert float(_act.forward(torch.zeros(1))) == 0.0, f"activation {_act.name!r} must map 0 to 0"
-assert len({a.triton_id for a in _TABLE}) == len(_TABLE), "Triton ids must be distinct"
+
+
+def check_table(table: tuple[Activation, ...]) -> None:
+    """Raise ``ValueError`` unless every activation maps 0 to 0 and the Triton ids are distinct (run at import).
+
+    Rank padding and the all-zero slot for rows without an adapter rely on ``act(0) = 0``.
+    """
+    for act in table:
+        if float(act.forward(torch.zeros(1, dtype=torch.float64))) != 0.0:
+            raise ValueError(f"Activation {act.name!r} must map 0 to 0: zero-padded ranks would no longer be exact.")
+    if len({a.triton_id for a in table}) != len(table):
+        raise ValueError("Each activation needs its own triton_id (the Triton kernels switch on it).")
+
+
+check_table(_TABLE)
 
 
 def get(name: str) -> Activation:

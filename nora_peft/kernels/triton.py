@@ -46,23 +46,23 @@ assert [TABLE[n].triton_id for n in ("silu", "identity", "relu", "gelu", "tanh")
 @triton.jit
 def _activate(z, act):
     """Activation ``act`` (an ``Activation.triton_id`` read at run time) of the fp32 tile ``z``."""
-    out = tl.where(act == 0, z * tl.sigmoid(z), z)
+    out = tl.where(act == 0, z / (1.0 + tl.exp(-z)), z)
     out = tl.where(act == 2, tl.maximum(z, 0.0), out)
     out = tl.where(act == 3, 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476)), out)
-    return tl.where(act == 4, 2.0 * tl.sigmoid(2.0 * z) - 1.0, out)
+    return tl.where(act == 4, 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0, out)
 
 
 @triton.jit
 def _activate_const(z, ACT: tl.constexpr):
     """Activation ``ACT`` (a compile-time ``Activation.triton_id``) of the fp32 tile ``z``: one branch compiled."""
     if ACT == 0:
-        out = z * tl.sigmoid(z)
+        out = z / (1.0 + tl.exp(-z))
     elif ACT == 2:
         out = tl.maximum(z, 0.0)
     elif ACT == 3:
         out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 4:
-        out = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        out = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
     else:
         out = z
     return out
@@ -87,7 +87,7 @@ def _branch_kernel(
     rk = tl.arange(0, BLOCK_R)
     tok_ok, col_ok, r_ok = tok < T, cols < N, rk < R
     # shrink: z = x W_up^T over k, in fp32
-    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    z = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
