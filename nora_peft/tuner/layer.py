@@ -176,10 +176,15 @@ class NoraModule(nn.Module, NoraLayer):
         """The tensor of the base module's output that the branch is added to."""
         return result
 
-    @classmethod
-    def _add(cls, result: Any, delta: torch.Tensor) -> Any:
+    @staticmethod
+    def _with_output(result: Any, out: torch.Tensor) -> Any:
+        """``result`` with its :meth:`_output` tensor replaced by ``out``."""
+        return out
+
+    def _add(self, result: Any, delta: torch.Tensor) -> Any:
         """``result`` with ``delta`` added (out of place) to its :meth:`_output` tensor."""
-        return result + delta.to(result.dtype)
+        out = self._output(result)
+        return self._with_output(result, out + delta.to(out.dtype))
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if self.disable_adapters:
@@ -204,6 +209,9 @@ class NoraModule(nn.Module, NoraLayer):
             for name in names:
                 result = self._add(result, self._branch(name, x))
             return result
+        if not self._can_write(out, x):
+            out = out.clone()
+            result = self._with_output(result, out)
         backend, weights = self._inference_weights(names, out)
         for up, down_t, act in weights:
             backend.add_(out, x, up, down_t, act)
@@ -224,11 +232,8 @@ class NoraModule(nn.Module, NoraLayer):
         )
 
     def _needs_autograd(self, names: tuple[str, ...], x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether this call needs the autograd function: dropout is active, or a gradient must flow, or the base
-        output shares memory with the input (adding in place would change the input)."""
+        """Whether this call needs the autograd function: dropout is active, or a gradient must flow."""
         if self.training and any(self.nora_dropout[n] > 0 for n in names):
-            return True
-        if out.data_ptr() == x.data_ptr():
             return True
         if not torch.is_grad_enabled():
             return False
@@ -236,6 +241,14 @@ class NoraModule(nn.Module, NoraLayer):
             return True
         ups, downs = self.nora_up._modules, self.nora_down._modules
         return any(ups[n].weight.requires_grad or downs[n].weight.requires_grad for n in names)
+
+    def _can_write(self, out: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether the branch may be added into the base output itself: not when the output shares memory with the
+        input, nor when a forward hook on the base layer may have kept a reference to it (it would see the sum), nor
+        when it is part of an autograd graph."""
+        if out.data_ptr() == x.data_ptr() or self.base_layer._forward_hooks:
+            return False
+        return not (torch.is_grad_enabled() and out.requires_grad)
 
     def _weights_key(self, names: tuple[str, ...]) -> tuple:
         """What the cached inference weights depend on, cheap enough to check on every forward (decode calls this
@@ -293,8 +306,9 @@ class NoraModule(nn.Module, NoraLayer):
         out = self._output(result)
         backend, stacked = self._mixed_stack(names, out)
         index = stacked.index(adapter_names, device=x.device)
-        if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad) or out.data_ptr() == x.data_ptr():
-            return self._add(result, backend.mixed_add_(torch.zeros_like(out), x, stacked, index))
+        if not self._can_write(out, x):
+            out = out.clone()
+            result = self._with_output(result, out)
         backend.mixed_add_(out, x, stacked, index)
         return result
 
@@ -365,8 +379,6 @@ class ParallelBlock(NoraModule):
     def _output(result: Any) -> torch.Tensor:
         return result[0] if isinstance(result, tuple) else result
 
-    @classmethod
-    def _add(cls, result: Any, delta: torch.Tensor) -> Any:
-        if isinstance(result, tuple):
-            return (result[0] + delta.to(result[0].dtype), *result[1:])
-        return result + delta.to(result.dtype)
+    @staticmethod
+    def _with_output(result: Any, out: torch.Tensor) -> Any:
+        return (out, *result[1:]) if isinstance(result, tuple) else out

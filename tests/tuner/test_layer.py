@@ -40,8 +40,9 @@ def _mlp(**kw) -> nn.Module:
 def test_inference_path_is_eq2_without_autograd_and_in_place(activation, count_autograd):
     model = _mlp(activation=activation)
     lin0 = model.base_model.model.lin0
+    linear = lin0.base_layer.forward
     seen = []
-    lin0.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+    lin0.base_layer.forward = lambda x: seen.append(linear(x)) or seen[-1]  # not a hook: hooks turn in-place off
     x = torch.randn(5, 10, dtype=D64)
     with torch.no_grad():
         out = model(x)
@@ -124,3 +125,16 @@ def test_parallel_block_and_linear_share_a_base_not_each_other():
         model.merge_and_unload()
     with torch.no_grad():  # a block returning a tuple: the branch goes into its first element, in place
         assert torch.isfinite(model(input_ids()).logits).all()
+
+
+def test_a_hook_on_the_base_layer_keeps_the_base_output():
+    """A forward hook that keeps the base layer's output (analysis does) sees the base output, not the sum."""
+    model = _mlp()
+    lin0 = model.base_model.model.lin0
+    seen = []
+    lin0.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+    x = torch.randn(5, 10, dtype=D64)
+    with torch.no_grad():
+        full = lin0(x)
+        torch.testing.assert_close(seen[0], lin0.base_layer(x), rtol=0, atol=0)
+    assert full is not seen[0] and not torch.allclose(full, seen[0])
