@@ -60,7 +60,6 @@ TABLE: dict[str, Activation] = {a.name: a for a in _TABLE}
 ACTIVATIONS: tuple[str, ...] = tuple(TABLE)
 
 
-
 def check_table(table: tuple[Activation, ...]) -> None:
     """Raise ``ValueError`` unless every activation maps 0 to 0 and the Triton ids are distinct (run at import).
 
