@@ -10,7 +10,6 @@ tensor the branch adds to, and whether merging is possible (``Linear.get_delta_w
 from __future__ import annotations
 
 import math
-import operator
 import os
 import warnings
 from typing import Any
@@ -25,8 +24,6 @@ from ..kernels.reference import nora_delta
 from ..kernels.select import ENV as KERNELS_ENV
 from ..kernels.select import Backend, compute_dtype, select
 from .config import compute_scaling
-
-_VERSION = operator.attrgetter("_version")  # a tensor's in-place modification counter
 
 
 def _block_in_out_features(block: nn.Module) -> tuple[int, int]:
@@ -252,20 +249,15 @@ class NoraModule(nn.Module, NoraLayer):
 
     def _weights_key(self, names: tuple[str, ...]) -> tuple:
         """What the cached inference weights depend on, cheap enough to check on every forward (decode calls this
-        once per token and layer): the same tensor objects and storages (replaced / moved / re-typed weights), the
-        same sum of in-place version counters (they only grow, so the sum changes iff some weight was modified in
-        place), the same scalings and activations, and the backend choice."""
+        once per token and layer): per adapter the same weight objects and storages (replaced / moved / re-typed
+        weights) at the same in-place version counters, the same scaling and activation; and the backend choice."""
         ups, downs = self.nora_up._modules, self.nora_down._modules
-        params = [ups[n]._parameters["weight"] for n in names] + [downs[n]._parameters["weight"] for n in names]
-        return (
-            names,
-            tuple(map(id, params)),
-            tuple(map(torch.Tensor.data_ptr, params)),
-            sum(map(_VERSION, params)),
-            tuple(map(self.scaling.__getitem__, names)),
-            tuple(map(self.nora_activation.__getitem__, names)),
-            os.environ.get(KERNELS_ENV),
-        )
+        key = [names, os.environ.get(KERNELS_ENV)]
+        for n in names:
+            up, down = ups[n]._parameters["weight"], downs[n]._parameters["weight"]
+            key += (id(up), up.data_ptr(), up._version, id(down), down.data_ptr(), down._version)
+            key += (self.scaling[n], self.nora_activation[n])
+        return tuple(key)
 
     def _inference_weights(self, names: tuple[str, ...], out: torch.Tensor) -> tuple[Backend, list[tuple]]:
         """The backend and ``(W_up, s * W_down^T, activation)`` per adapter, in the compute dtype (cached)."""
