@@ -58,3 +58,16 @@ def test_compute_dtype():
     assert sel.compute_dtype("cpu", torch.bfloat16) == torch.float32  # CPU half matmuls are slow
     assert sel.compute_dtype("cpu", torch.float64) == torch.float64
     assert sel.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
+
+
+def test_the_triton_backend_is_imported_only_when_chosen():
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json, torch; import nora_peft; from nora_peft.kernels.select import select; "
+        "select('cpu', torch.float32); print(json.dumps('nora_peft.kernels.triton' in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) is False
