@@ -1,4 +1,7 @@
-"""The gathered mixed-adapter pass: many unmerged adapters on one shared base, one pass per layer (torch only).
+"""Stacked adapters for the mixed-adapter pass: many unmerged adapters on one shared base, one pass per layer.
+
+This module lays adapters out (stacks, rank buckets, per-step segments); the pass itself runs through the kernel
+seam (``reference.py`` in torch, ``triton.py`` fused; ``select.py`` picks).
 
 A batch whose rows use different adapters -- NoRA of any activation, or LoRA (the identity activation with LoRA's
 scaling) -- of any ranks up to ``r_max`` is computed without a Python loop over adapters, BGMV-style::
@@ -11,7 +14,7 @@ scaling) -- of any ranks up to ``r_max`` is computed without a Python loop over 
 Slots are written by :func:`write_slot` (the one place that pads and folds the scaling): ``W_up`` fills the first
 ``r`` rows of its slot and ``s * W_down^T`` the first ``r`` rows of the down stack, the rest stays zero. Padding is
 exact, because a padded latent unit contributes ``W_down[:, j] * act(0) = 0`` for every activation of
-:data:`nora_peft.tuner.ops.ACTIVATIONS`.
+:data:`nora_peft.kernels.activations.ACTIVATIONS`.
 ``stack_adapters`` appends one all-zero slot that rows with index ``-1`` are routed to, so they get an exact zero.
 
 **Rank buckets and segments** (SGMV-style, for a server whose adapters have very different ranks). Padding every
@@ -22,8 +25,8 @@ pass per segment, so a batch's adapter cost follows the ranks actually in it; ro
 segment and cost nothing; a segment whose rows all use one adapter skips the gather (two plain matmuls).
 
 Activations that differ between adapters are handled with a small per-row mask: each activation *kind* present in the
-stack (at most the 5 of :data:`nora_peft.tuner.ops.ACTIVATIONS`) is applied to the whole r-wide latent and the row's own
-result is selected with ``torch.where``. The loop runs over kinds, never over adapters; its cost is
+stack (at most the 5 of :data:`nora_peft.kernels.activations.ACTIVATIONS`) is applied to the whole r-wide latent and
+the row's own result is selected with ``torch.where``. The loop runs over kinds, never over adapters; its cost is
 ``O(kinds * B * T * r_max)`` element-wise work, small next to the two ``O(B * T * r_max * k)`` matmuls, and a stack with
 one kind (the common case) does no masking at all. Grouping rows per kind instead would need a host sync per layer.
 """
@@ -36,7 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tuner.ops import activation_fn
+from . import reference
+from .activations import get as get_activation
+from .select import Backend, select
 
 #: the smallest padded rank of a bucket; below it, padding costs less than another segment
 MIN_BUCKET_RANK = 8
@@ -109,17 +114,20 @@ def write_slot(
             f"{up.shape[2]}) and W_down ({down.shape[2]}, r); stack only adapters of the same layer, r <= r_max."
         )
     up[slot, :r] = w_up.detach().to(up)
-    down[slot, :r] = w_down.detach().t().to(down) * scaling
+    down[slot, :r] = w_down.detach().t() * scaling  # scaled in the adapter's dtype, then rounded once into the stack
 
 
 def stack_adapters(
-    adapters: Sequence[tuple[str, torch.Tensor, torch.Tensor, float, str]], *, r_max: int | None = None
+    adapters: Sequence[tuple[str, torch.Tensor, torch.Tensor, float, str]],
+    *,
+    r_max: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> StackedAdapters:
     """Stack ``(name, W_up (r, k), W_down (d, r), scaling, activation)`` tuples for :func:`mixed_delta`.
 
     A LoRA adapter is ``(name, lora_A.weight, lora_B.weight, lora_scaling, "identity")``. ``r_max`` defaults to the
-    largest rank. The stack has the first adapter's dtype and device, one trailing all-zero slot (for index ``-1``),
-    and holds detached copies.
+    largest rank. The stack has ``dtype`` (default: the first adapter's) and the first adapter's device, one trailing
+    all-zero slot (for index ``-1``), and holds detached copies.
     """
     if not adapters:
         raise ValueError("stack_adapters needs at least one adapter; route rows without one to index -1 instead.")
@@ -131,9 +139,9 @@ def stack_adapters(
         raise ValueError(f"An adapter has rank {max(ranks)} > r_max={r_max}; raise r_max to at least {max(ranks)}.")
     kinds = tuple(dict.fromkeys(a[4] for a in adapters))
     for act in kinds:
-        activation_fn(act)  # validates the name
-    up = first_up.new_zeros(len(adapters) + 1, r_max, k)
-    down = first_up.new_zeros(len(adapters) + 1, r_max, d)
+        get_activation(act)  # validates the name
+    up = first_up.new_zeros(len(adapters) + 1, r_max, k, dtype=dtype)
+    down = first_up.new_zeros(len(adapters) + 1, r_max, d, dtype=dtype)
     for i, (name, w_up, w_down, scaling, _act) in enumerate(adapters):
         try:
             write_slot(up, down, i, w_up, w_down, scaling)
@@ -152,29 +160,8 @@ def mixed_delta(x: torch.Tensor, stacked: StackedAdapters, index: torch.Tensor) 
     """
     if index.shape != (x.shape[0],):
         raise ValueError(f"index must have one entry per batch row: shape ({x.shape[0]},), got {tuple(index.shape)}.")
-    return _gathered(x, stacked, torch.remainder(index, stacked.up.shape[0]))  # -1 -> the trailing all-zero slot
-
-
-def _gathered(x: torch.Tensor, stacked: StackedAdapters, idx: torch.Tensor) -> torch.Tensor:
-    """The gathered pass for non-negative slot indices ``idx``."""
-    batch, k = x.shape[0], x.shape[-1]
-    x3 = x.reshape(batch, -1, k).to(stacked.up.dtype)
-    z = torch.bmm(x3, stacked.up.index_select(0, idx).transpose(1, 2))  # shrink: (B, T, r_max)
-    a = _activate(z, stacked, idx)
-    out = torch.bmm(a, stacked.down.index_select(0, idx))  # expand: (B, T, d), scaling folded in
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def _activate(z: torch.Tensor, stacked: StackedAdapters, idx: torch.Tensor) -> torch.Tensor:
-    """Apply each row's activation; one kind -> no mask, several -> one ``where`` per extra kind."""
-    kinds = stacked.kinds
-    out = activation_fn(kinds[0])(z)
-    if len(kinds) == 1:
-        return out
-    row_kind = stacked.kind.index_select(0, idx)
-    for j, name in enumerate(kinds[1:], start=1):
-        out = torch.where((row_kind == j).view(-1, 1, 1), activation_fn(name)(z), out)
-    return out
+    # -1 -> the trailing all-zero slot
+    return reference.gathered_delta(x, stacked, torch.remainder(index, stacked.up.shape[0]))
 
 
 @dataclass(frozen=True)
@@ -187,6 +174,8 @@ class Segment:
         index: ``(n,)`` long, each row's slot in that stack.
         slot: the slot every row uses when they all share one (the pass then needs no gather), else ``None``.
         activation: that slot's activation when ``slot`` is set.
+        row_index: ``(B,)`` long, each batch row's slot in this stack, ``-1`` for rows outside the segment (what the
+            Triton backend reads: one launch per segment, no row gather).
     """
 
     key: Hashable
@@ -194,6 +183,7 @@ class Segment:
     index: torch.Tensor
     slot: int | None = None
     activation: str | None = None
+    row_index: torch.Tensor | None = None
 
 
 def plan_segments(
@@ -216,6 +206,9 @@ def plan_segments(
         slots = [s for _, s in members]
         every_row = len(rows) == len(row_slots)
         shared = slots[0] if activations is not None and len(set(slots)) == 1 else None
+        row_index = [-1] * len(row_slots)
+        for r, s in members:
+            row_index[r] = s
         segments.append(
             Segment(
                 key=key,
@@ -223,6 +216,7 @@ def plan_segments(
                 index=torch.tensor(slots, dtype=torch.long, device=device),
                 slot=shared,
                 activation=None if shared is None else activations[(key, shared)],
+                row_index=torch.tensor(row_index, dtype=torch.long, device=device),
             )
         )
     return tuple(segments)
@@ -233,23 +227,26 @@ def segmented_delta(
 ) -> torch.Tensor | None:
     """The adapter branch of a batch split into segments: one pass per segment; ``None`` when no row has an adapter.
 
-    ``x`` is ``(B, ..., k)``; returns ``(B, ..., d)`` in the stacks' dtype, zero on rows in no segment.
+    ``x`` is ``(B, ..., k)``; returns ``(B, ..., d)`` in the stacks' dtype, zero on rows in no segment (the torch
+    backend; a layer adds into its output in place with :func:`segmented_add_` instead).
     """
     if not segments:
         return None
-    if len(segments) == 1 and segments[0].rows is None:
-        return _segment_delta(x, stacks[segments[0].key], segments[0])
-    out = None
-    for seg in segments:
-        delta = _segment_delta(x.index_select(0, seg.rows), stacks[seg.key], seg)
-        if out is None:
-            out = delta.new_zeros(*x.shape[:-1], delta.shape[-1])
-        out.index_copy_(0, seg.rows, delta)
+    dtype = next(iter(stacks.values())).up.dtype
+    out = torch.zeros(*x.shape[:-1], stacks[segments[0].key].down.shape[-1], dtype=dtype, device=x.device)
+    return reference.segmented_add_(out, x, stacks, segments)
+
+
+def segmented_add_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    stacks: Mapping[Hashable, StackedAdapters],
+    segments: Sequence[Segment],
+    backend: Backend | None = None,
+) -> torch.Tensor:
+    """``out += `` the branch of each row under its segment's adapter, in place, through ``backend`` (default: the
+    one :func:`~.select.select` picks for ``out``'s device and the stacks' dtype)."""
+    if segments:
+        backend = backend or select(out.device, next(iter(stacks.values())).up.dtype)
+        backend.segmented_add_(out, x, stacks, segments)
     return out
-
-
-def _segment_delta(x: torch.Tensor, stacked: StackedAdapters, seg: Segment) -> torch.Tensor:
-    if seg.slot is None:
-        return _gathered(x, stacked, seg.index)
-    x = x.to(stacked.up.dtype)  # one adapter for every row: two plain matmuls, no per-row copies of the weights
-    return activation_fn(seg.activation)(x @ stacked.up[seg.slot].t()) @ stacked.down[seg.slot]

@@ -7,7 +7,8 @@
 * :class:`StepMapping` is the per-step batch mapping (vLLM's ``LoRAMapping`` / punica wrapper): each row's slot,
   grouped into :class:`~..kernels.mixed.Segment` s once per step on the host. The scheduler sets it for one forward
   with ``with stacks.use(mapping): model(...)``; every layer reads it from the shared ``SlotStacks``.
-* :class:`MultiAdapterLinear` replaces a targeted ``nn.Linear``: ``base(x) + segmented_delta(x, buckets, segments)``.
+* :class:`MultiAdapterLinear` replaces a targeted ``nn.Linear``: ``base(x)``, then the step's segments added into it in
+  place through the kernel seam (``kernels.select`` picks the backend once per layer: torch on CPU, Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..kernels.mixed import Segment, StackedAdapters, plan_segments, rank_bucket, segmented_delta, write_slot
-from ..tuner.ops import activation_fn
+from ..kernels.activations import get as get_activation
+from ..kernels.mixed import Segment, StackedAdapters, plan_segments, rank_bucket, segmented_add_, write_slot
+from ..kernels.select import Backend, compute_dtype, select
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class SlotStacks:
 
     def assign(self, slot: int, rank: int, activation: str) -> None:
         """Give pool ``slot`` a position in the bucket of ``rank`` (moving it if its bucket changes)."""
-        activation_fn(activation)  # validates the name
+        get_activation(activation)  # validates the name
         bucket = rank_bucket(rank)
         if slot in self.where and self.where[slot][0] != bucket:
             self.release(slot)
@@ -158,9 +160,7 @@ class MultiAdapterLinear(nn.Module):
     def resize(self, bucket: int, n: int) -> None:
         """Give ``bucket`` ``n`` positions (new ones zero, the first ``min(n, old)`` kept; 0 frees it)."""
         w = self.base.weight
-        # half-precision bases keep float32 adapter stacks on CPU: CPU bmm in bf16/fp16 is several times slower
-        # than in float32 at these sizes, and the adapter path is small next to the base matmuls
-        dtype = torch.float32 if w.device.type == "cpu" and w.element_size() < 4 else w.dtype
+        dtype = compute_dtype(w.device, w.dtype)  # float32 stacks for a half-precision base on CPU
         up = torch.zeros(n, bucket, self.base.in_features, dtype=dtype, device=w.device)
         down = torch.zeros(n, bucket, self.base.out_features, dtype=dtype, device=w.device)
         if bucket in self.up:
@@ -194,9 +194,17 @@ class MultiAdapterLinear(nn.Module):
             self._views = (self.stacks.version, views)
         return views
 
+    def backend(self) -> Backend:
+        """The kernel backend for this layer's device and stack dtype (chosen once, on first use)."""
+        backend = self.__dict__.get("_backend")
+        if backend is None:
+            w = self.base.weight
+            backend = self.__dict__["_backend"] = select(w.device, compute_dtype(w.device, w.dtype))
+        return backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         mapping = self.stacks.current
         if mapping is None or not mapping.segments:
             return out
-        return out + segmented_delta(x, self.stacked(), mapping.segments).to(out.dtype)
+        return segmented_add_(out, x, self.stacked(), mapping.segments, self.backend())

@@ -10,7 +10,7 @@ from typing import Literal, get_args
 
 from peft.config import PeftConfig
 
-from .ops import ACTIVATIONS
+from ..kernels.activations import ACTIVATIONS
 
 
 class NoraPeftType(str):

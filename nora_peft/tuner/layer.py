@@ -2,14 +2,15 @@
 
 ``Linear`` adapts one linear map (``nn.Linear``, transformers ``Conv1D``, fused projections).
 ``ParallelBlock`` (``granularity="module"``) adapts a whole block: it reads the block's input and adds the NoRA
-branch to the block's (first) output. Both share one forward; they differ only in how the input is found, how the
-branch is added and whether merging is possible.
+branch to the block's (first) output. Both are ``NoraModule`` s (one forward: training through the autograd function,
+inference through the kernel seam ``nora_peft.kernels``); they differ only in how the input is found, which output
+tensor the branch adds to, and whether merging is possible (``Linear.get_delta_weight``).
 """
 
 from __future__ import annotations
 
 import math
-import operator
+import os
 import warnings
 from typing import Any
 
@@ -18,10 +19,11 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from ..kernels.mixed import StackedAdapters, stack_adapters
+from ..kernels.reference import nora_delta
+from ..kernels.select import ENV as KERNELS_ENV
+from ..kernels.select import Backend, compute_dtype, select
 from .config import compute_scaling
-from .ops import nora_delta
-
-_VERSION = operator.attrgetter("_version")  # a tensor's in-place modification counter
 
 
 def _block_in_out_features(block: nn.Module) -> tuple[int, int]:
@@ -98,41 +100,7 @@ class NoraLayer(BaseTunerLayer):
         else:
             nn.init.kaiming_uniform_(self.nora_down[adapter_name].weight, a=math.sqrt(5))
 
-    # -- the forward pass -------------------------------------------------------------------------------------
-    def _adapter_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The tensor the adapter reads: the base layer's input."""
-        return args[0]
-
-    @staticmethod
-    def _add(result: Any, delta_fn) -> Any:
-        """``result + delta`` where ``delta_fn(result_dtype)`` computes the branch."""
-        return result + delta_fn(result.dtype)
-
-    def _branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        up = self.nora_up[name].weight
-        x = self._cast_input_dtype(x, up.dtype)
-        return nora_delta(
-            x,
-            up,
-            self.nora_down[name].weight,
-            self.scaling[name],
-            self.nora_activation[name],
-            self.nora_dropout[name],
-            self.training,
-        )
-
     # -- merging ----------------------------------------------------------------------------------------------
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s * W_down @ W_up`` in the layout of the base weight; exact only for the identity activation."""
-        up = self.nora_up[adapter_name].weight
-        down = self.nora_down[adapter_name].weight
-        base_w = self.get_base_layer().weight
-        compute = torch.promote_types(base_w.dtype, torch.float32)  # never merge in less than fp32
-        delta = (down.to(compute) @ up.to(compute)) * self.scaling[adapter_name]
-        if isinstance(self.get_base_layer(), Conv1D):
-            delta = delta.t()
-        return delta.to(base_w.dtype)
-
     def _check_mergeable(self, adapter_names: list[str]) -> None:
         for name in adapter_names:
             act = self.nora_activation[name]
@@ -176,14 +144,44 @@ class NoraLayer(BaseTunerLayer):
                 base.weight.data -= self.get_delta_weight(name)
 
 
-class Linear(nn.Module, NoraLayer):
-    """NoRA around one linear map: ``nn.Linear``, transformers ``Conv1D`` (GPT-2) or a fused projection."""
+class NoraModule(nn.Module, NoraLayer):
+    """The forward pass both NoRA layers share: Eq. 2's branch added to the base module's output.
+
+    Subclasses say how the input is found (:meth:`_adapter_input`) and which tensor of the output the branch adds
+    to (:meth:`_output`). Two paths, picked per call:
+
+    * **autograd** (training, or whenever a gradient must flow): ``reference.nora_delta`` per adapter, with dropout;
+    * **inference** (no gradient needed): no autograd function; each active adapter's ``W_up`` and ``s * W_down^T``
+      cached in the compute dtype and added into the base output in place through the backend
+      ``kernels.select`` picks (``addmm_`` in torch, one fused launch in Triton). The cache is keyed on the active
+      adapters, the weight tensors and their in-place version counters, the scalings, activations, dtype, device and
+      ``$NORA_KERNELS``, so it is rebuilt when any of them changes.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__()
         NoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
+
+    def _adapter_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The tensor the adapter reads: the base layer's input."""
+        return args[0]
+
+    @staticmethod
+    def _output(result: Any) -> torch.Tensor:
+        """The tensor of the base module's output that the branch is added to."""
+        return result
+
+    @staticmethod
+    def _with_output(result: Any, out: torch.Tensor) -> Any:
+        """``result`` with its :meth:`_output` tensor replaced by ``out``."""
+        return out
+
+    def _add(self, result: Any, delta: torch.Tensor) -> Any:
+        """``result`` with ``delta`` added (out of place) to its :meth:`_output` tensor."""
+        out = self._output(result)
+        return self._with_output(result, out + delta.to(out.dtype))
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if self.disable_adapters:
@@ -200,20 +198,91 @@ class Linear(nn.Module, NoraLayer):
         if self.merged:
             return result
         x = self._adapter_input(args, kwargs)
-        for name in self.active_adapters:
-            if name in self.nora_up:
-                result = self._add(result, lambda dtype, name=name: self._branch(name, x).to(dtype))
+        names = tuple(n for n in self.active_adapters if n in self.nora_up)
+        out = self._output(result)
+        if not names:
+            return result
+        if self._needs_autograd(names, x, out):
+            for name in names:
+                result = self._add(result, self._branch(name, x))
+            return result
+        if not self._can_write(out, x):
+            out = out.clone()
+            result = self._with_output(result, out)
+        backend, weights = self._inference_weights(names, out)
+        for up, down_t, act in weights:
+            backend.add_(out, x, up, down_t, act)
         return result
+
+    def _branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s branch through the training autograd function (dropout when training)."""
+        up = self.nora_up[name].weight
+        x = self._cast_input_dtype(x, up.dtype)
+        return nora_delta(
+            x,
+            up,
+            self.nora_down[name].weight,
+            self.scaling[name],
+            self.nora_activation[name],
+            self.nora_dropout[name],
+            self.training,
+        )
+
+    def _needs_autograd(self, names: tuple[str, ...], x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether this call needs the autograd function: dropout is active, or a gradient must flow."""
+        if self.training and any(self.nora_dropout[n] > 0 for n in names):
+            return True
+        if not torch.is_grad_enabled():
+            return False
+        if x.requires_grad or out.requires_grad:
+            return True
+        ups, downs = self.nora_up._modules, self.nora_down._modules
+        return any(ups[n].weight.requires_grad or downs[n].weight.requires_grad for n in names)
+
+    def _can_write(self, out: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether the branch may be added into the base output itself: not when the output shares memory with the
+        input, nor when a forward hook on the base layer may have kept a reference to it (it would see the sum), nor
+        when it is part of an autograd graph."""
+        if out.data_ptr() == x.data_ptr() or self.base_layer._forward_hooks:
+            return False
+        return not (torch.is_grad_enabled() and out.requires_grad)
+
+    def _weights_key(self, names: tuple[str, ...]) -> tuple:
+        """What the cached inference weights depend on, cheap enough to check on every forward (decode calls this
+        once per token and layer): per adapter the same weight objects and storages (replaced / moved / re-typed
+        weights) at the same in-place version counters, the same scaling and activation; and the backend choice."""
+        ups, downs = self.nora_up._modules, self.nora_down._modules
+        key = [names, os.environ.get(KERNELS_ENV)]
+        for n in names:
+            up, down = ups[n]._parameters["weight"], downs[n]._parameters["weight"]
+            key += (id(up), up.data_ptr(), up._version, id(down), down.data_ptr(), down._version)
+            key += (self.scaling[n], self.nora_activation[n])
+        return tuple(key)
+
+    def _inference_weights(self, names: tuple[str, ...], out: torch.Tensor) -> tuple[Backend, list[tuple]]:
+        """The backend and ``(W_up, s * W_down^T, activation)`` per adapter, in the compute dtype (cached)."""
+        key = (self._weights_key(names), out.dtype, out.device)
+        cached = self.__dict__.get("_nora_inference_cache")
+        if cached is None or cached[0] != key:
+            dtype = compute_dtype(out.device, out.dtype)
+            weights = []
+            for n in names:
+                up, down = self.nora_up[n].weight.detach(), self.nora_down[n].weight.detach()
+                scaled = down.t() * self.scaling[n]  # scaled in the adapter's dtype, rounded once
+                weights.append(
+                    (up.to(out.device, dtype), scaled.to(out.device, dtype).contiguous(), self.nora_activation[n])
+                )
+            cached = (key, (select(out.device, dtype), weights))
+            self.__dict__["_nora_inference_cache"] = cached
+        return cached[1]
 
     def _mixed_batch_forward(self, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
         """Rows of one batch use different adapters (``"__base__"``: none); inference only.
 
-        All of this layer's adapters run in one gathered pass (``kernels.mixed``); the stacked weights are cached
-        and rebuilt when an adapter is added, deleted, moved or its weights change (keyed on names, tensor storage,
-        in-place version counters, ranks, scalings and activations).
+        All of this layer's adapters run in one gathered pass (``kernels.mixed`` stacks, run by the backend
+        ``kernels.select`` picks); the stacked weights are cached in the compute dtype and rebuilt when an adapter
+        is added, deleted, moved or its weights change (the key of :meth:`_weights_key`).
         """
-        from ..kernels.mixed import mixed_delta, stack_adapters
-
         result = self.base_layer(*args, **kwargs)
         x = self._adapter_input(args, kwargs)
         if len(adapter_names) != x.shape[0]:  # peft's sentence first, then which layer
@@ -222,45 +291,59 @@ class Linear(nn.Module, NoraLayer):
                 f"{len(adapter_names)} and {x.shape[0]} respectively (NoRA layer around "
                 f"{type(self.base_layer).__name__}: one adapter name per batch row, '__base__' for none)."
             )
-        up_modules, down_modules = self.nora_up._modules, self.nora_down._modules
         merged = self.merged_adapters
-        names = tuple(n for n in up_modules if n not in merged) if merged else tuple(up_modules)
+        names = tuple(n for n in self.nora_up._modules if n not in merged)
         if not names:
             return result
-        ups = [up_modules[n]._parameters["weight"] for n in names]
-        downs = [down_modules[n]._parameters["weight"] for n in names]
-        params = ups + downs
-        # Cheap to check on every forward (decode calls this once per token and layer): the same tensor objects and
-        # storages (catches replaced / moved / re-typed weights), the same sum of in-place version counters (they
-        # only grow, so the sum changes iff some weight was modified in place), the same scalings and activations.
-        key = (
-            names,
-            tuple(map(id, params)),
-            tuple(map(torch.Tensor.data_ptr, params)),
-            sum(map(_VERSION, params)),
-            tuple(map(self.scaling.__getitem__, names)),
-            tuple(map(self.nora_activation.__getitem__, names)),
-        )
+        out = self._output(result)
+        backend, stacked = self._mixed_stack(names, out)
+        index = stacked.index(adapter_names, device=x.device)
+        if not self._can_write(out, x):
+            out = out.clone()
+            result = self._with_output(result, out)
+        backend.mixed_add_(out, x, stacked, index)
+        return result
+
+    def _mixed_stack(self, names: tuple[str, ...], out: torch.Tensor) -> tuple[Backend, StackedAdapters]:
+        """The backend and every adapter of this layer stacked in the compute dtype (cached)."""
+        key = (self._weights_key(names), out.dtype, out.device)
         cached = self.__dict__.get("_nora_mixed_cache")
         if cached is None or cached[0] != key:
+            dtype = compute_dtype(out.device, out.dtype)
+            ups, downs = self.nora_up._modules, self.nora_down._modules
             stacked = stack_adapters(
-                [(n, u, d, self.scaling[n], self.nora_activation[n]) for n, u, d in zip(names, ups, downs)]
+                [(n, ups[n].weight, downs[n].weight, self.scaling[n], self.nora_activation[n]) for n in names],
+                dtype=dtype,
             )
-            cached = (key, stacked)
+            cached = (key, (select(out.device, dtype), stacked))
             self.__dict__["_nora_mixed_cache"] = cached
-        stacked = cached[1]
-        index = stacked.index(adapter_names, device=x.device)
-        return self._add(result, lambda dtype: mixed_delta(x, stacked, index).to(dtype))
+        return cached[1]
 
     def __repr__(self) -> str:
         return "nora." + super().__repr__()
 
 
-class ParallelBlock(Linear):
+class Linear(NoraModule):
+    """NoRA around one linear map: ``nn.Linear``, transformers ``Conv1D`` (GPT-2) or a fused projection."""
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * W_down @ W_up`` in the layout of the base weight; exact only for the identity activation."""
+        up = self.nora_up[adapter_name].weight
+        down = self.nora_down[adapter_name].weight
+        base_w = self.get_base_layer().weight
+        compute = torch.promote_types(base_w.dtype, torch.float32)  # never merge in less than fp32
+        delta = (down.to(compute) @ up.to(compute)) * self.scaling[adapter_name]
+        if isinstance(self.get_base_layer(), Conv1D):
+            delta = delta.t()
+        return delta.to(base_w.dtype)
+
+
+class ParallelBlock(NoraModule):
     """``granularity="module"``: a parallel NoRA adapter around a whole block (attention or MLP).
 
     ``out = block(x, ...) + s * W_down D(act(W_up x))`` with ``x`` the block's hidden-states input; for blocks that
-    return tuples (attention returns ``(output, weights)``) the branch is added to the first element.
+    return tuples (attention returns ``(output, weights)``) the branch is added to the first element. A block has no
+    single weight to fold the branch into, so it cannot be merged (``merge`` says so).
     """
 
     mergeable = False
@@ -285,11 +368,9 @@ class ParallelBlock(Linear):
         raise ValueError(f"Could not find the hidden-states input of {type(self.base_layer).__name__}.")
 
     @staticmethod
-    def _add(result: Any, delta_fn) -> Any:
-        if isinstance(result, tuple):
-            return (result[0] + delta_fn(result[0].dtype), *result[1:])
-        return result + delta_fn(result.dtype)
+    def _output(result: Any) -> torch.Tensor:
+        return result[0] if isinstance(result, tuple) else result
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        self._check_mergeable([adapter_name])
-        raise AssertionError("unreachable")
+    @staticmethod
+    def _with_output(result: Any, out: torch.Tensor) -> Any:
+        return (out, *result[1:]) if isinstance(result, tuple) else out

@@ -108,9 +108,9 @@ def test_stack_cache_follows_adapter_changes():
             return model(ids, adapter_names=names).logits
 
     first = run(["sil", "rel"])
-    stack_before = layer.__dict__["_nora_mixed_cache"][1]
+    stack_before = layer.__dict__["_nora_mixed_cache"][1][1]
     run(["sil", "rel"])
-    assert layer.__dict__["_nora_mixed_cache"][1] is stack_before  # unchanged adapters: the stack is reused
+    assert layer.__dict__["_nora_mixed_cache"][1][1] is stack_before  # unchanged adapters: the stack is reused
     with torch.no_grad():  # an in-place weight change must invalidate the cached stack
         for m in model.modules():
             if hasattr(m, "nora_down") and "rel" in m.nora_down:
@@ -132,7 +132,7 @@ def test_stack_cache_follows_adapter_changes():
     model.set_adapter("sil")
     model.delete_adapter("rel")
     run(["sil", "idn"])
-    assert layer.__dict__["_nora_mixed_cache"][1].names == ("sil", "idn", "tnh")
+    assert layer.__dict__["_nora_mixed_cache"][1][1].names == ("sil", "idn", "tnh")
     with pytest.raises(ValueError, match="non-existing adapter"):
         run(["rel", "sil"])
 

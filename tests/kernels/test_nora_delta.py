@@ -1,4 +1,4 @@
-"""The NoRA branch (ops.nora_delta) against an independent float64 formula, and what it saves for backward."""
+"""The training branch (kernels.reference.nora_delta) against an independent float64 formula; what it saves."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from nora_peft.tuner.ops import ACTIVATIONS, nora_delta, nora_delta_reference
+from nora_peft.kernels.activations import ACTIVATIONS
+from nora_peft.kernels.reference import nora_delta, nora_delta_reference
 
-# Written out independently of nora_peft.tuner.ops (no shared helper), in float64.
+# Written out independently of nora_peft.kernels (no shared helper), in float64.
 REFERENCE_ACTS = {
     "silu": lambda z: z / (1 + torch.exp(-z)),
     "identity": lambda z: z,
@@ -117,3 +118,13 @@ def test_unknown_activation_is_rejected():
     x, w_up, w_down = _inputs()
     with pytest.raises(ValueError, match="Unknown activation 'swish'"):
         nora_delta(x, w_up, w_down, 1.0, "swish")
+
+
+def test_tuner_ops_names_the_seams_functions():
+    """``nora_peft.tuner.ops`` (and the package root) keep exporting the branch the seam computes."""
+    import nora_peft
+    from nora_peft.kernels import activations, reference
+    from nora_peft.tuner import ops
+
+    assert ops.nora_delta is reference.nora_delta is nora_peft.nora_delta
+    assert ops.activation_fn is activations.activation_fn and ops.ACTIVATIONS == activations.ACTIVATIONS
