@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision (default: the run's; auto for --model)")  # fmt: skip
     parser.add_argument("--data-seed", type=int, default=0, help="split seed for --model (a run uses its own)")
     parser.add_argument("--out", help="where to write the JSON (default: next to the run / adapter, else runs/eval/)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: the base's recommendation, else torch's)"
+    )
 
 
 def _model_records(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
@@ -111,8 +114,23 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     return result, run_dir / f"eval_{args.split}.json"
 
 
+def set_threads(args: argparse.Namespace) -> None:
+    """``--threads``, else the recommendation of the base being evaluated (``--model``, or the run's)."""
+    import torch
+
+    from ..train.cli import threads_to_set
+
+    model = args.model
+    if args.run and (Path(args.run) / "config.json").is_file():
+        model = read_json(Path(args.run) / "config.json").get("model")
+    threads = threads_to_set(getattr(args, "threads", None), model)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def main(args: argparse.Namespace) -> int:
     """``nora eval``: evaluate, write the JSON (next to the run / adapter, or ``--out``), print a short summary."""
+    set_threads(args)
     try:
         result, where = evaluate_cli(args)
     except (ValueError, FileNotFoundError) as e:

@@ -113,7 +113,11 @@ class FinetuneRecipe:
 
     def header(self) -> str:
         """The run's first line: what trains on what, with which lr (and whether the base recommended it)."""
+        import torch
+
         cfg, params = self.cfg, self.params
+        n = torch.get_num_threads()
+        threads = "" if torch.cuda.is_available() else f", {n} thread{'s' if n != 1 else ''}"
         lr = f"lr {cfg.lr:g}"
         if cfg.defaults_from_base:
             given = ", ".join(f"--{k.replace('_', '-')}" for k in cfg.defaults_from_base)
@@ -121,7 +125,7 @@ class FinetuneRecipe:
         return (
             f"nora train: {cfg.adapter.label()} on {cfg.model or 'embedded base'} | {lr} | data {cfg.data} "
             f"({len(self.train_ds)} train examples, {self.train_stats}) | trainable {params['trainable']:,} of "
-            f"{params['total']:,} params | {self.precision} | {self.args.device} x{self.state.num_processes} "
+            f"{params['total']:,} params | {self.precision} | {self.args.device} x{self.state.num_processes}{threads} "
             f"({self.parallel}) -> {self.run_dir}"
         )
 
