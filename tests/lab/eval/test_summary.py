@@ -43,3 +43,19 @@ def test_words_instead_of_none():
     assert "None" not in text
     assert "response 113, full 436; 15,368 response tokens" in text
     assert "mean |error| no reply parsed" in text and "predicted no answer parsed, gold 0.5952 (wrong)" in text
+
+
+def test_eval_threads_follow_the_runs_base_unless_given(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from nora_peft.lab.eval.cli import set_threads
+
+    seen = []
+    monkeypatch.setattr("torch.set_num_threads", seen.append)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (tmp_path / "config.json").write_text(json.dumps({"model": None}))
+    set_threads(argparse.Namespace(run=str(tmp_path), model=None, threads=None))  # the embedded base: one thread
+    set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=None))  # no recommendation: untouched
+    set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=3))  # --threads wins
+    assert seen == [1, 3]
