@@ -129,11 +129,24 @@ def progress_class():
     return Progress
 
 
+def check_report_to(targets: list[str]) -> None:
+    """Fail before any work when a ``--report-to`` integration is unknown or its package is missing (Trainer would
+    only find out once the data and model are loaded). The callbacks are built and dropped: they start nothing."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        for callback in get_reporting_integration_callbacks(targets):  # ValueError naming the supported ones
+            callback()  # RuntimeError when the integration's package is not installed
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"--report-to {','.join(targets)}: {err}") from None
+
+
 def training_arguments(cfg: TrainConfig, run_dir: Path, precision: str):
     """The ``TrainingArguments`` of ``cfg``: checkpoints under ``run_dir/checkpoints``, logs to ``cfg.report_to``."""
     import torch
     from transformers import TrainingArguments
 
+    check_report_to(cfg.report_targets())
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=cfg.lr,

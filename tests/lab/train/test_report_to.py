@@ -15,6 +15,12 @@ def test_report_to_parses_to_what_trainer_takes(tmp_path):
     assert args.report_to == []  # nothing is sent anywhere unasked
 
 
+def test_an_unknown_integration_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--report-to tensorbored: tensorbored is not supported, only .*tensorboard"):
+        training_arguments(TrainConfig(report_to="tensorbored"), tmp_path, "fp32")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_report_to_does_not_change_what_a_run_is():
     """Where the logs go is how a run is watched, not what it trains: resuming with another --report-to is the
     same run."""
