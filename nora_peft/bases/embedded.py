@@ -95,6 +95,85 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
     )
 
 
+def token_windows(docs: list[str], tokenizer, seq_len: int):
+    """One long stream of documents (each between bos and eos) cut into fixed ``seq_len`` windows, as a tensor
+    ``[n, seq_len]`` (standard LM pretraining; the ragged tail is dropped)."""
+    import torch
+
+    stream: list[int] = []
+    for doc in docs:
+        stream += [
+            tokenizer.bos_token_id,
+            *tokenizer(doc, add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
+    return torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
+
+
+def tiny_llama(tokenizer, model_size: dict | None = None):
+    """A freshly initialised Llama of ``model_size`` (default ``MODEL_SIZE``) with tied embeddings for
+    ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **(model_size or MODEL_SIZE),
+    )
+    return LlamaForCausalLM(config)
+
+
+def pretrain(model, windows, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> float:
+    """``steps`` of AdamW (betas 0.9/0.95, weight decay 0.01, clip 1.0) with linear warmup over 5% then cosine, on
+    random batches of ``windows``; returns the last step's loss."""
+    import torch
+
+    start = time.time()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    loss_value = float("nan")
+    for step in range(steps):
+        batch = windows[torch.randint(0, len(windows), (batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if progress and (step % 50 == 0 or step == steps - 1):
+            rate = (step + 1) * batch_size * windows.shape[1] / (time.time() - start)
+            print(f"[nora base] step {step + 1}/{steps} loss {loss_value:.3f} ({rate:,.0f} tokens/s)", flush=True)
+    model.eval()
+    return loss_value
+
+
+def save_atomically(out_dir: Path, model, tokenizer, info: dict) -> None:
+    """Model, tokenizer and ``build_info.json`` into ``out_dir``, written beside it and moved in at once (a
+    half-written base is never visible under the final name)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "build_info.json", info)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_base(
     out_dir: str | os.PathLike,
     *,
@@ -109,54 +188,16 @@ def build_base(
 ) -> Path:
     """Pretrain the base model and save it (model, tokenizer, ``build_info.json``) atomically into ``out_dir``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     start = time.time()
     torch.manual_seed(seed)
     docs = pretraining_corpus(documents, seed=seed)
     tokenizer = build_tokenizer(docs[: min(len(docs), 20000)])
-    # one long stream of documents separated by eos, cut into fixed windows (standard LM pretraining)
-    stream: list[int] = []
-    for doc in docs:
-        stream += [
-            tokenizer.bos_token_id,
-            *tokenizer(doc, add_special_tokens=False)["input_ids"],
-            tokenizer.eos_token_id,
-        ]
-    data = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
+    data = token_windows(docs, tokenizer, seq_len)
     held_out, train = data[:64], data[64:]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **(model_size or MODEL_SIZE),
-    )
-    model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    loss_value = float("nan")
-    for step in range(steps):
-        batch = train[torch.randint(0, len(train), (batch_size,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
-        if progress and (step % 50 == 0 or step == steps - 1):
-            rate = (step + 1) * batch_size * seq_len / (time.time() - start)
-            print(f"[nora base] step {step + 1}/{steps} loss {loss_value:.3f} ({rate:,.0f} tokens/s)", flush=True)
-    model.eval()
+    model = tiny_llama(tokenizer, model_size)
+    loss_value = pretrain(model, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     with torch.no_grad():
         held_out_loss = model(input_ids=held_out, labels=held_out).loss.item()
     info = {
@@ -174,18 +215,7 @@ def build_base(
         "documents": documents,
         "tokens_seen": steps * batch_size * seq_len,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "build_info.json", info)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    save_atomically(out_dir, model, tokenizer, info)
     if progress:
         print(
             f"[nora base] saved to {out_dir}: held-out loss {held_out_loss:.3f} vs uniform "

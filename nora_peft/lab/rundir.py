@@ -8,12 +8,23 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..io import read_json, read_jsonl
 
-if TYPE_CHECKING:
-    from .train.config import TrainConfig
+
+class RunConfig(Protocol):
+    """What the run dir contract needs of a run's config (``lab.train.TrainConfig`` is one): whether to resume or
+    overwrite, the fields that define the run, and how to rebuild a config from a saved ``config.json``."""
+
+    resume: bool
+    overwrite: bool
+
+    def identity(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig: ...
+
 
 #: files and folders a run dir may hold (the only things ``overwrite`` deletes)
 RUN_FILES = ("config.json", "splits.json", "metrics.jsonl", "train_summary.json", "analysis.json")
@@ -35,12 +46,13 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if json.dumps(old.get(k)) != json.dumps(new.get(k))]
 
 
-def check_run_dir(cfg: TrainConfig, run_dir: Path) -> str:
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> str:
     """Decide what to do with ``run_dir`` before any work: ``"fresh"``, ``"resume"``, ``"done"`` (return it as is)
     or ``"overwrite"``; raise ``FileExistsError`` naming the fix when it holds something else.
 
     ``resume`` may continue an *unfinished* run with changed settings (they are printed); a *finished* run is only
-    returned when its config equals the one asked for."""
+    returned when its config equals the one asked for. The saved config is read back with ``type(cfg).from_dict``,
+    so that fields added since it was written compare at their defaults."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "fresh"
     config_path = run_dir / "config.json"
@@ -51,9 +63,7 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> str:
         )
     if cfg.overwrite:
         return "overwrite"
-    from .train.config import TrainConfig
-
-    old = TrainConfig.from_dict(read_json(config_path)).identity()
+    old = type(cfg).from_dict(read_json(config_path)).identity()
     changes = _diff(old, cfg.identity())
     finished = (run_dir / "train_summary.json").exists()
     if changes and not cfg.resume:

@@ -1,6 +1,7 @@
 """Statistics over seeds (and over latency rounds): means with Student-t 95% CIs, and differences ``A - B``.
 
 * **Means and 95% CIs** -- ``mean +- t_{0.975, n-1} sd / sqrt(n)``; with one value there is no interval.
+* **Proportions** -- the Wilson score interval (``wilson_interval``), e.g. of an exact-match accuracy.
 * **Differences** -- ``A - B`` over seeds, *paired* by seed when both sides ran the same seeds (same seed = same data
   order, so pairing removes that shared noise), Welch otherwise. A difference is *significant* when its 95% CI
   excludes 0.
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+#: the normal quantile of a two-sided 95% interval (the limit of ``t975`` as df -> inf)
+Z95 = 1.959963984540054
 
 # two-sided 95% Student-t quantiles t_{0.975, df}
 _T975 = {
@@ -46,7 +50,7 @@ def t975(df: float) -> float:
         return float("inf")
     keys = sorted(_T975)
     if df >= keys[-1]:
-        lo, hi, tlo, thi = keys[-1], math.inf, _T975[keys[-1]], 1.95996
+        lo, hi, tlo, thi = keys[-1], math.inf, _T975[keys[-1]], Z95
     else:
         lo = max(k for k in keys if k <= df)
         hi = min(k for k in keys if k >= df)
@@ -55,6 +59,19 @@ def t975(df: float) -> float:
         tlo, thi = _T975[lo], _T975[hi]
     w = (1 / lo - 1 / df) / (1 / lo - (0 if hi == math.inf else 1 / hi))
     return tlo + w * (thi - tlo)
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion ``correct / n`` (95% by default): the ``p`` with
+    ``|correct/n - p| <= z * sqrt(p (1 - p) / n)``. Unlike ``p +- z*se`` it stays within [0, 1] and is not empty at
+    0 or n correct. ``None`` for ``n == 0``."""
+    if n <= 0:
+        return None
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # at 0 and n correct the bound is exactly 0 / 1 (the formula gives it up to rounding)
+    return (0.0 if correct == 0 else centre - half), (1.0 if correct == n else centre + half)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def run_cell(
 ) -> dict[str, Any]:
     """Train, evaluate (``splits``) and analyse one cell (skipping whatever its run dir already holds); return its
     row. With ``diverged_ok`` (the lr probe), a NaN/inf loss gives a row marked ``diverged`` instead of an error."""
-    from ..evaluate import evaluate_run
+    from ..eval import evaluate_run
 
     ev = spec.eval_settings()
     run_dir = out_dir / "cells" / cell.cell_id
@@ -146,7 +146,7 @@ def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
     import torch
 
     from ...bases.named import load_model_and_tokenizer
-    from ..evaluate import evaluate_records
+    from ..eval import evaluate_records
     from ..torch_utils import eval_mode
     from ..train import base_dtype, load_splits, resolve_precision
 

@@ -25,7 +25,7 @@ only the main process writes the run dir.
 from __future__ import annotations
 
 from ..rundir import RUN_DIRS, RUN_FILES, check_run_dir, last_checkpoint
-from .cli import FLAGS, _mapping, add_arguments, config_from_args, main
+from .cli import FLAGS, add_arguments, config_from_args, main, parse_mapping
 from .config import PRECISIONS, TrainConfig
 from .data import PaddingCounter, collate, load_splits, tokenize_split
 from .precision import base_dtype, cpu_has_bf16, resolve_precision
@@ -41,7 +41,6 @@ __all__ = [
     "NonFiniteLossError",
     "PaddingCounter",
     "TrainConfig",
-    "_mapping",
     "add_arguments",
     "base_dtype",
     "check_run_dir",
@@ -51,6 +50,7 @@ __all__ = [
     "last_checkpoint",
     "load_splits",
     "main",
+    "parse_mapping",
     "resolve_precision",
     "tokenize_split",
     "train",

@@ -10,7 +10,7 @@ from typing import Any
 
 from ...io import read_json
 from ...methods import METHODS
-from .config import PRECISIONS, TrainConfig
+from .config import GLOBAL_DEFAULTS, PRECISIONS, TrainConfig, read_config_file
 from .recipe import train
 from .trainer import NonFiniteLossError
 
@@ -19,7 +19,7 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null", "") else int(text)
 
 
-def _mapping(text: str) -> dict[str, Any]:
+def parse_mapping(text: str) -> dict[str, Any]:
     """``'{"n": 500}'`` (JSON) or ``n=500,digits=3`` (values parsed as YAML scalars)."""
     text = text.strip()
     if text.startswith("{"):
@@ -59,8 +59,14 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "mathinstruct, a local .jsonl/.json/.csv file or a hub id"
         ),
     ),
-    "--data-options": ("data_options", dict(type=_mapping, help="extra load_source options: KEY=VALUE,... or JSON")),
-    "--field-map": ("field_map", dict(type=_mapping, help="record field -> column: prompt=question,response=answer")),
+    "--data-options": (
+        "data_options",
+        dict(type=parse_mapping, help="extra load_source options: KEY=VALUE,... or JSON"),
+    ),
+    "--field-map": (
+        "field_map",
+        dict(type=parse_mapping, help="record field -> column: prompt=question,response=answer"),
+    ),
     "--output-dir": ("output_dir", dict(help="run dir (default: runs/<data>-<label>-s<seed>)")),
     "--method": ("adapter.method", dict(choices=METHODS, help="adapter method")),
     "--r": ("adapter.r", dict(type=int, help="rank")),
@@ -101,46 +107,71 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(action=argparse.BooleanOptionalAction, help="batches of similar length: less padding"),
     ),
     "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bar")),
+    "--report-to": (
+        "report_to",
+        dict(help="Trainer integrations to log to, comma-separated: tensorboard, mlflow, wandb, trackio, ... or none"),
+    ),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``nora train``: ``--config``, ``--threads`` and one per ``TrainConfig`` field (``FLAGS``)."""
     parser.add_argument("--config", help="YAML/JSON file of TrainConfig fields; flags given here override it")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads on a machine without a GPU (default: the base's recommendation, 1 for the embedded "
+        "base; else torch's)",
     )
-    defaults = TrainConfig().to_dict()
+    defaults = TrainConfig().to_dict()  # the embedded base's: what `nora train` with no flags runs
     for flag, (name, kwargs) in FLAGS.items():
         value = defaults["adapter"][name[8:]] if name.startswith("adapter.") else defaults[name]
         kwargs = dict(kwargs)
+        if name in GLOBAL_DEFAULTS:
+            kwargs["help"] = f"{kwargs['help']}: the base's recommended one, else {GLOBAL_DEFAULTS[name]}"
         if value not in (None, "", {}):  # the default shown is the dataclass's own, never a second copy of it
             kwargs["help"] = f"{kwargs.get('help', '')} (default: {value})".strip()
         parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The config file (if any) with every flag that was given applied on top."""
-    base = TrainConfig.from_file(args.config) if getattr(args, "config", None) else TrainConfig()
-    d = base.to_dict()
+    """The config file (if any) with every flag that was given applied on top; what neither gives takes the base's
+    recommended default, else the global one (``TrainConfig``)."""
+    d = read_config_file(args.config) if getattr(args, "config", None) else {}
     for flag, (name, _) in FLAGS.items():
         dest = flag[2:].replace("-", "_")
         if dest not in vars(args):
             continue
         value = getattr(args, dest)
         if name.startswith("adapter."):
-            d["adapter"][name.split(".", 1)[1]] = value
+            d.setdefault("adapter", {})[name.split(".", 1)[1]] = value
         else:
             d[name] = value
     return TrainConfig.from_dict(d)
 
 
-def main(args: argparse.Namespace) -> int:
-    if getattr(args, "threads", None):
-        import torch
+def threads_to_set(threads: int | None, model: str | None) -> int | None:
+    """The torch CPU thread count to set: ``--threads`` when given, else (on a machine without a GPU) the base's
+    recommendation (``bases.named.cpu_threads``); ``None`` leaves torch's own."""
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from ...bases.named import cpu_threads
+
+    if threads:
+        return threads
+    return None if torch.cuda.is_available() else cpu_threads(model)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``nora train``: exit 0 (the summary as JSON), 2 (bad input, nothing trained) or 3 (the loss turned NaN/inf)."""
     try:
         cfg = config_from_args(args)
+        threads = threads_to_set(getattr(args, "threads", None), cfg.model)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         run_dir = train(cfg)
     except NonFiniteLossError as e:
         print(f"nora train: {e}", file=sys.stderr)

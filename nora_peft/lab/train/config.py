@@ -9,12 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...bases.named import training_defaults
 from ...methods import AdapterSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 #: fields that say *how* to run, not *what* to train: a run dir's identity ignores them
-RUN_CONTROL_FIELDS = ("output_dir", "resume", "overwrite", "progress")
+RUN_CONTROL_FIELDS = ("output_dir", "resume", "overwrite", "progress", "report_to")
+
+#: fields a named base may recommend a value for (``bases.named.training_defaults``), with the value used when
+#: neither the user nor the base gives one. ``None`` in a ``TrainConfig`` means "not given": resolved on creation.
+GLOBAL_DEFAULTS: dict[str, Any] = {"lr": 2e-4}
 
 
 @dataclass
@@ -33,7 +38,7 @@ class TrainConfig:
     field_map: dict | None = None  # {"prompt": "question", "response": "answer", ...} for local files / hub ids
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
     output_dir: str = ""  # "" -> runs/<data>-<adapter label>-s<seed>
-    lr: float = 2e-4
+    lr: float | None = None  # None -> the base's recommended lr, else GLOBAL_DEFAULTS["lr"]
     epochs: float = 1.0
     max_steps: int = -1  # >0 overrides epochs; -1: train for `epochs`
     batch_size: int = 8  # per device
@@ -58,10 +63,12 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 where the hardware supports it (GPU, or a CPU with bf16 units), else fp32
     group_by_length: bool = False  # batches of similar length (less padding); the padding fraction is reported
     progress: bool = True
+    report_to: str = "none"  # Trainer integrations, comma-separated (tensorboard, mlflow, wandb, ...); none: nothing
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, dict):
             self.adapter = AdapterSpec(**self.adapter)
+        self.defaults_from_base = self._fill_defaults()
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: choose one of {PRECISIONS}.")
         checks = [
@@ -80,6 +87,22 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}.")
 
+    def _fill_defaults(self) -> dict[str, Any]:
+        """Set every ``None`` field of ``GLOBAL_DEFAULTS`` from the base's recommendation, else the global value;
+        return the ones the base gave."""
+        recommended = training_defaults(self.model)
+        from_base = {}
+        for name, value in GLOBAL_DEFAULTS.items():
+            if getattr(self, name) is None:
+                from_base.update({name: recommended[name]} if name in recommended else {})
+                setattr(self, name, recommended.get(name, value))
+        return from_base
+
+    def report_targets(self) -> list[str]:
+        """``report_to`` as the list ``TrainingArguments`` takes (``[]`` for "none")."""
+        targets = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        return [] if targets in ([], ["none"]) else targets
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict (e.g. a parsed YAML file); unknown keys are an error naming the valid ones."""
@@ -92,19 +115,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
         """Read a YAML (``.yaml``/``.yml``) or JSON config file."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"Config file {path} does not exist.")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            d = yaml.safe_load(text) or {}
-        else:
-            d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError(f"Config file {path} must hold a mapping of TrainConfig fields, got {type(d).__name__}.")
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_file(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,3 +132,21 @@ class TrainConfig:
         for key in RUN_CONTROL_FIELDS:
             d.pop(key, None)
         return d
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of TrainConfig fields in a YAML (``.yaml``/``.yml``) or JSON file, as written (nothing filled in,
+    so that a field the file leaves out can still take its base's default)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of TrainConfig fields, got {type(d).__name__}.")
+    return d

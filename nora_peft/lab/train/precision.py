@@ -28,9 +28,3 @@ def base_dtype(precision: str):
     if not torch.cuda.is_available():
         return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -109,14 +109,25 @@ class FinetuneRecipe:
         self.parallel = "fsdp" if trainer.is_fsdp_enabled else "ddp" if self.state.num_processes > 1 else "none"
         self.trainer = trainer
         if self.main:
-            cfg, params = self.cfg, self.params
-            print(
-                f"nora train: {cfg.adapter.label()} on {cfg.model or 'embedded base'} | data {cfg.data} "
-                f"({len(self.train_ds)} train examples, {self.train_stats}) | trainable {params['trainable']:,} of "
-                f"{params['total']:,} params | {self.precision} | {self.args.device} x{self.state.num_processes} "
-                f"({self.parallel}) -> {self.run_dir}",
-                file=sys.stderr,
-            )
+            print(self.header(), file=sys.stderr)
+
+    def header(self) -> str:
+        """The run's first line: what trains on what, with which lr (and whether the base recommended it)."""
+        import torch
+
+        cfg, params = self.cfg, self.params
+        n = torch.get_num_threads()
+        threads = "" if torch.cuda.is_available() else f", {n} thread{'s' if n != 1 else ''}"
+        lr = f"lr {cfg.lr:g}"
+        if cfg.defaults_from_base:
+            given = ", ".join(f"--{k.replace('_', '-')}" for k in cfg.defaults_from_base)
+            lr += f" (the base's default; {given} overrides)"
+        return (
+            f"nora train: {cfg.adapter.label()} on {cfg.model or 'embedded base'} | {lr} | data {cfg.data} "
+            f"({len(self.train_ds)} train examples, {self.train_stats}) | trainable {params['trainable']:,} of "
+            f"{params['total']:,} params | {self.precision} | {self.args.device} x{self.state.num_processes}{threads} "
+            f"({self.parallel}) -> {self.run_dir}"
+        )
 
     def fit(self) -> None:
         start = time.perf_counter()

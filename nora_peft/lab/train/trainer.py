@@ -3,13 +3,13 @@ and the ``TrainingArguments`` of a ``TrainConfig``."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 from ...io import append_jsonl
 from ..rundir import last_checkpoint
 from .config import TrainConfig
-from .precision import _cuda
 
 
 class NonFiniteLossError(RuntimeError):
@@ -17,10 +17,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 def trainer_classes():
-    """Build the Trainer subclass and callbacks lazily (``nora --help`` must not import transformers)."""
+    """``(NoraTrainer, MetricsFile, Progress)``, built lazily (``nora --help`` must not import transformers)."""
+    return nora_trainer_class(), metrics_file_class(), progress_class()
+
+
+@functools.cache
+def nora_trainer_class():
+    """``Trainer`` + a NaN/inf guard (loss and saved weights) and a windowed tokens/s in every log line."""
     import torch
-    from tqdm.auto import tqdm
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
     class NoraTrainer(Trainer):
         """``Trainer`` + a NaN/inf guard and a windowed tokens/s in every log line."""
@@ -58,6 +63,14 @@ def trainer_classes():
                 self._nora_last = (now, seen)
             super().log(logs, start_time)
 
+    return NoraTrainer
+
+
+@functools.cache
+def metrics_file_class():
+    """The callback that appends every log line to ``metrics.jsonl``."""
+    from transformers import TrainerCallback
+
     class MetricsFile(TrainerCallback):
         """Append every log line (with its step) to ``metrics.jsonl`` (main process only); always log the last
         step, so the final loss is on record whatever ``logging_steps`` is."""
@@ -72,6 +85,15 @@ def trainer_classes():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 append_jsonl(self.path, {**logs, "step": state.global_step, "time": time.time()})
+
+    return MetricsFile
+
+
+@functools.cache
+def progress_class():
+    """The callback that draws a tqdm bar over optimizer steps."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         """A tqdm bar over optimizer steps showing the latest loss and tokens/s (main process only)."""
@@ -104,12 +126,27 @@ def trainer_classes():
                 self.bar.close()
                 self.bar = None
 
-    return NoraTrainer, MetricsFile, Progress
+    return Progress
+
+
+def check_report_to(targets: list[str]) -> None:
+    """Fail before any work when a ``--report-to`` integration is unknown or its package is missing (Trainer would
+    only find out once the data and model are loaded). The callbacks are built and dropped: they start nothing."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        for callback in get_reporting_integration_callbacks(targets):  # ValueError naming the supported ones
+            callback()  # RuntimeError when the integration's package is not installed
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"--report-to {','.join(targets)}: {err}") from None
 
 
 def training_arguments(cfg: TrainConfig, run_dir: Path, precision: str):
+    """The ``TrainingArguments`` of ``cfg``: checkpoints under ``run_dir/checkpoints``, logs to ``cfg.report_to``."""
+    import torch
     from transformers import TrainingArguments
 
+    check_report_to(cfg.report_targets())
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=cfg.lr,
@@ -137,8 +174,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, precision: str):
         bf16=precision == "bf16",  # on CPU: autocast over the fp32 base
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         fp16=precision == "fp16",
-        use_cpu=not _cuda(),
-        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        report_to=cfg.report_targets(),  # Trainer's integrations (tensorboard, mlflow, ...); none by default
         disable_tqdm=True,  # our Progress callback draws the bar
         dataloader_num_workers=0,
         remove_unused_columns=False,

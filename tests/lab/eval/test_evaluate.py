@@ -11,12 +11,21 @@ import pytest
 import torch
 
 from nora_peft.io import read_json, write_json_atomic
-from nora_peft.lab import evaluate as ev
+from nora_peft.lab import eval as ev
 from nora_peft.lab.data import build_lm_dataset, format_example, format_prompt, logistic_map_problems
+from nora_peft.lab.eval.cli import slug
+from nora_peft.lab.eval.summary import significant
+from nora_peft.lab.stats import wilson_interval
 from nora_peft.lab.train import train
 from tests.lab.test_train import make_tiny_model_dir, small_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    """The base perplexities these tests cache go to a folder of their own, not the user's cache."""
+    monkeypatch.setenv("NORA_CACHE", str(tmp_path_factory.getbasetemp() / "nora_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -174,20 +183,7 @@ def test_score_answers_exact_match_and_wilson_interval():
     assert got["examples"][1] == {"id": "b", "question": "3 + 4?", "prediction": "8", "gold": "7",
                                   "output": outputs[1]}  # fmt: skip
     lo, hi = got["ci95"]
-    assert lo == pytest.approx(ev.wilson_interval(2, 4)[0]) and lo < 0.5 < hi
-
-
-@pytest.mark.parametrize(("correct", "n"), [(0, 10), (1, 10), (5, 10), (10, 10), (3, 200)])
-def test_wilson_interval_bounds_solve_the_score_equation(correct, n):
-    """An independent check: each bound p (inside (0, 1)) solves (p_hat - p)^2 = z^2 p (1 - p) / n, and the interval
-    holds p_hat; known value: 0 of 10 -> [0, 0.2775]."""
-    lo, hi = ev.wilson_interval(correct, n)
-    p_hat, z = correct / n, 1.959963984540054
-    for p in (lo, hi):
-        if 0 < p < 1:
-            assert (p_hat - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, rel=1e-9)
-    assert lo <= p_hat <= hi and 0 <= lo < hi <= 1
-    assert ev.wilson_interval(0, 10) == (0.0, pytest.approx(0.27753, abs=1e-5)) and ev.wilson_interval(0, 0) is None
+    assert lo == pytest.approx(wilson_interval(2, 4)[0]) and lo < 0.5 < hi
 
 
 def test_generation_accuracy_scores_what_the_model_says(loaded, monkeypatch):
@@ -195,7 +191,7 @@ def test_generation_accuracy_scores_what_the_model_says(loaded, monkeypatch):
     records = [r for r in splits["test"] if r["answer"] is not None][:6]
     # a model that answers the first half right (its reference response) and the rest wrong
     fake = [r["response"] if i < 3 else "#### -1" for i, r in enumerate(records)]
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: fake)
+    monkeypatch.setattr("nora_peft.lab.eval.generation.generate", lambda *a, **k: fake)
     got = ev.generation_accuracy(model, tokenizer, records)
     assert (got["n"], got["correct"], got["accuracy"]) == (6, 3, 0.5)
 
@@ -263,7 +259,7 @@ def test_max_generate_limits_generation_not_perplexity(runs, loaded, monkeypatch
         prompts_seen.extend(records)
         return ["The answer is 1."] * len(records)
 
-    monkeypatch.setattr(ev, "generate", fake_generate)
+    monkeypatch.setattr("nora_peft.lab.eval.run.generate", fake_generate)
     result = ev.evaluate_run(run, split="test", max_generate=2, batch_size=4)
     model, tokenizer, cfg, splits = loaded
     n = len(splits["test"])
@@ -294,7 +290,7 @@ def test_cli_eval_writes_json_and_prints_a_summary(runs, tiny, tmp_path, capsys,
     assert main(["eval", "--run", str(runs["lora"]), "--max-examples", "3", "--no-generate"]) == 0
     printed = capsys.readouterr().out
     saved = read_json(runs["lora"] / "eval_test.json")
-    assert saved["n"] == 3 and f"response {saved['ppl']:.3f}" in printed and "lora-r4" in printed
+    assert saved["n"] == 3 and f"response {significant(saved['ppl'])}" in printed and "lora-r4" in printed
     assert str(runs["lora"] / "eval_test.json") in printed and not printed.lstrip().startswith("{")
 
     adapter = runs["nora"] / "adapter"
@@ -313,7 +309,7 @@ def test_cli_eval_writes_json_and_prints_a_summary(runs, tiny, tmp_path, capsys,
     assert base["ppl"] != adapted["ppl"]  # the adapter changed the model
     monkeypatch.chdir(tmp_path)  # no --out: runs/eval/<model>_eval_<data>_<split>.json under the working dir
     assert main(base_argv) == 0
-    default = tmp_path / "runs" / "eval" / f"{ev._slug(tiny)}_eval_arith_test.json"
+    default = tmp_path / "runs" / "eval" / f"{slug(tiny)}_eval_arith_test.json"
     assert read_json(default)["ppl"] == base["ppl"] and str(default.relative_to(tmp_path)) in capsys.readouterr().out
 
 
@@ -327,8 +323,9 @@ def test_format_summary_names_perplexity_accuracy_ci_and_examples():
                        "examples": [{"id": "q", "question": "How many\n eggs?", "prediction": "18", "gold": "18"}]},
     }  # fmt: skip
     text = ev.format_summary(result, Path("out.json"))
-    for part in ("smollm2-135m (no adapter) on gsm8k test (200 records)", "response 3.210 (31,000 tokens)",
-                 "2.5% (5/200), 95% CI [1.1%, 5.7%]", "180/200", "How many eggs?", "predicted 18, gold 18 (right)",
+    for part in ("smollm2-135m (no adapter) on gsm8k test (200 records)",
+                 "response 3.21, full 5.50; 31,000 response tokens", "2.50% (5/200), 95% CI [1.07%, 5.73%]",
+                 "180/200", "How many eggs?", "predicted 18, gold 18 (right)",
                  "'####' 150, EOS 40, the cap 10", "JSON: out.json"):  # fmt: skip
         assert part in text, part
     assert len(text.splitlines()) <= 10

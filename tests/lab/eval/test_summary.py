@@ -1,0 +1,61 @@
+"""The summary a person reads: three significant digits, words where there is no number."""
+
+from __future__ import annotations
+
+import pytest
+
+from nora_peft.lab.eval.summary import format_summary, percent, significant
+
+
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [
+        (112.669, "113"),
+        (10.2345, "10.2"),
+        (436.179, "436"),
+        (3.21, "3.21"),
+        (2.5, "2.50"),
+        (0.012345, "0.0123"),
+        (15368.2, "15,400"),
+        (9.996, "10.0"),
+        (999.6, "1,000"),
+        (-0.5, "-0.500"),
+        (0, "0"),
+    ],
+)
+def test_three_significant_digits(x, text):
+    assert significant(x) == text
+    if x:  # independent check: the printed number equals x rounded by %g to 3 significant digits
+        assert float(text.replace(",", "")) == pytest.approx(float(f"{x:.3g}"))
+
+
+def test_words_instead_of_none():
+    assert significant(None) == "n/a" and significant(float("nan"), missing="no reply parsed") == "no reply parsed"
+    assert percent(None) == "n/a" and percent(0.0123) == "1.23%" and percent(0) == "0%"
+    result = {
+        "n": 2, "ppl": 112.669, "ppl_full": 436.179, "tokens": 15368, "label": "nora-r8", "data": "reasoning",
+        "split": "test", "seconds": {"perplexity": 2.0},
+        "generation": {"accuracy": 0.0, "ci95": (0.0, 0.0186), "n": 2, "correct": 0, "answered": 0,
+                       "examples": [{"id": "a", "question": "q?", "prediction": None, "gold": "0.5952"}]},
+        "logistic": {"mean_abs_error": None, "collapse_rate": 0.0},
+    }  # fmt: skip
+    text = format_summary(result)
+    assert "None" not in text
+    assert "response 113, full 436; 15,368 response tokens" in text
+    assert "mean |error| no reply parsed" in text and "predicted no answer parsed, gold 0.5952 (wrong)" in text
+
+
+def test_eval_threads_follow_the_runs_base_unless_given(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from nora_peft.lab.eval.cli import set_threads
+
+    seen = []
+    monkeypatch.setattr("torch.set_num_threads", seen.append)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (tmp_path / "config.json").write_text(json.dumps({"model": None}))
+    set_threads(argparse.Namespace(run=str(tmp_path), model=None, threads=None))  # the embedded base: one thread
+    set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=None))  # no recommendation: untouched
+    set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=3))  # --threads wins
+    assert seen == [1, 3]
