@@ -36,7 +36,7 @@ COMMAND_EXTRAS: dict[str, str] = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "base": ("nora_peft.bases.embedded", "build (pretrain) the embedded default base model and tokenizer"),
     "train": ("nora_peft.lab.train", "fine-tune a causal LM with NoRA, LoRA, rsLoRA or DoRA"),
-    "eval": ("nora_peft.lab.evaluate", "perplexity and generation accuracy of a base model or adapter"),
+    "eval": ("nora_peft.lab.eval", "perplexity and generation accuracy of a base model or adapter"),
     "analyze": ("nora_peft.lab.analysis", "SVD spectra, effective rank and AUC-90 of trained adapters"),
     "study": ("nora_peft.lab.study.cli", "run the paper's study (sweeps, ablations, report) from a spec or preset"),
     "bench": ("nora_peft.lab.bench", "side-by-side speed and memory benchmarks (JSON)"),

@@ -37,7 +37,7 @@ def _tokenizer(chat_template: str | None):
 @pytest.mark.parametrize("template", [None, TEMPLATE], ids=["plain", "chat-template"])
 def test_training_evaluation_and_serving_build_the_same_prompt(template):
     from nora_peft.lab.data.formatting import build_lm_dataset, format_example
-    from nora_peft.lab.evaluate import prompt_ids
+    from nora_peft.lab.eval.generation import prompt_ids
     from nora_peft.serve import Engine, ServeConfig
     from nora_peft.serve.admission import Admission
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ...kernels.attention import folded_decode_attention
-from .inference import decode_weights, inference, length_batches, model_device, pad_id
+from ...prompt import eos_ids, pad_id
+from .inference import decode_weights, inference, length_batches, model_device
 from .scoring import score_answers
 
 
@@ -21,13 +22,6 @@ def prompt_ids(tokenizer, records: list[dict[str, Any]]) -> list[list[int]]:
     bare = [{**r, "response": ""} for r in records]
     dataset, _ = build_lm_dataset(bare, tokenizer, max_length=1 << 30, response_only=True)
     return [ids[: labels.count(-100)] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
-
-
-def eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """The ids that end a reply: the generation config's (one or several), else the tokenizer's eos."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
 def answer_done(tokenizer, tail: int = 32) -> Callable[[list[int]], bool]:

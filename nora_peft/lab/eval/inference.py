@@ -19,11 +19,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def pad_id(tokenizer) -> int:
-    """The id padded positions get (they are masked out, so any id works; eos when the tokenizer has no pad)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def autocast(model: torch.nn.Module, precision: str | None):
     """``torch.autocast`` for ``precision`` "bf16" / "fp16" on the model's device; no-op for ``None`` / "fp32" (the
     weights' own dtype)."""

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .inference import inference, length_batches, model_device, pad_id
+from ...prompt import pad_id
+from .inference import inference, length_batches, model_device
 
 
 def perplexity(
