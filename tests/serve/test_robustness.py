@@ -22,10 +22,10 @@ import httpx
 import pytest
 import torch
 
-from nora_peft.serve import Engine, GenRequest, create_app
+from nora_peft.serve import Engine, GenRequest, ServeConfig
 from nora_peft.serve.scheduler import _sample_one
 from tests.adapter_files import edit_tensors
-from tests.serve.conftest import MAX_TOKENS, ServerThread, make_engine
+from tests.serve.conftest import MAX_TOKENS, make_engine, serve
 from tests.test_checkpoint import finishes_within, nested_safetensors
 
 
@@ -276,12 +276,16 @@ def test_hostile_adapter_is_skipped_at_startup_and_400_at_load(serve_env, tmp_pa
     spoil(adapters / name)
     with caplog.at_level(logging.ERROR, logger="nora_peft.serve"):
         engine = finishes_within(
-            20, Engine, copy.deepcopy(serve_env.base).float(), serve_env.tokenizer, adapters_dir=str(adapters)
+            20,
+            Engine,
+            copy.deepcopy(serve_env.base).float(),
+            serve_env.tokenizer,
+            ServeConfig(adapters_dir=str(adapters)),
         )
     assert set(engine.registry) == {"good"}
     logged = [r.getMessage() for r in caplog.records if name in r.getMessage()]
     assert logged and needle in logged[0], caplog.text
-    server = ServerThread(create_app(engine)).start()
+    server = serve(engine)
     try:
         body = {"lora_name": "again", "lora_path": name}
         r = httpx.post(f"{server.url}/v1/load_lora_adapter", json=body, timeout=30)
