@@ -99,6 +99,7 @@ def run_cell(
             generate=bool(ev["generate"]),
             max_examples=ev.get("max_examples"),
             max_generate=ev.get("max_generate"),
+            max_new_tokens=ev["max_new_tokens"],
             batch_size=ev["batch_size"],
         )
     if ev["analysis"] and not (run_dir / "analysis.json").exists():
@@ -171,7 +172,7 @@ def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
         with eval_mode(model):
             results[ds.name] = evaluate_records(
                 model, tokenizer, records, generate_outputs=bool(ev["generate"]), max_length=cfg.max_length,
-                batch_size=ev["batch_size"], max_generate=ev.get("max_generate"),
+                batch_size=ev["batch_size"], max_generate=ev.get("max_generate"), max_new_tokens=ev["max_new_tokens"],
                 precision=resolve_precision(cfg.precision),  # as evaluate_run does for the cells
             )  # fmt: skip
     reference = {"model": spec.model or "default", "split": "test", "datasets": results}
