@@ -239,8 +239,10 @@ def main(args: argparse.Namespace) -> int:
 def _run_parallel(args: argparse.Namespace, spec: StudySpec, out: Path, jobs: int) -> StudySpec | None:
     """``--jobs N``: the probe's cells over N shard processes (again when an edge extension adds cells), the choice,
     then the final cells over N processes; the final spec, or ``None`` after ``--probe-only`` or a failed shard."""
+    from ...bases.named import resolve_model
     from .runner import run_study
 
+    resolve_model(spec.model)  # convert the base once here, not in N processes waiting on its lock
     while spec.probe and probe.resolve(spec, out) is None:
         if _run_jobs(args, out, jobs, ("--probe-only",)):
             return None

@@ -324,8 +324,9 @@ def cells_section(inp: ReportInputs) -> list[str]:
     cost = []
     if walls:
         cost = [
-            f"Cell wall times (each cell runs on its own core): {len(walls)} cells, {sum(walls) / 3600:.2f} h in all, "
-            f"median {walls[len(walls) // 2] / 60:.1f} min. A cell finished after a resume counts only its last run.",
+            f"Cell wall times (each cell in one process; --jobs runs several at once): {len(walls)} cells, "
+            f"{sum(walls) / 3600:.2f} h in all, median {walls[len(walls) // 2] / 60:.1f} min. A cell finished after a "
+            "resume counts only its last run.",
             "",
         ]
     intro = ["## All cells", "", "Every row of results.jsonl (selected lr or not).", ""]
