@@ -111,3 +111,28 @@ def test_max_steps_caps_the_probe_and_gguf_reaches_the_shard_processes(monkeypat
     cmd = cli._shard_command(args, tmp_path, "1/4", 2, ())
     assert cmd[cmd.index("--shard") + 1] == "1/4" and ["--set", "seeds=[0]"] == cmd[-4:-2]
     assert cmd[-2:] == ["--max-steps", "2"]
+
+
+def test_latency_step_measures_on_the_cells_device_in_their_dtype(monkeypatch, tmp_path, default_base_path):
+    """On a GPU the cells' base is bf16 on the device: the latency step measures that model, not an fp32 CPU copy."""
+    from nora_peft.lab.bench import harness
+    from nora_peft.lab.bench import latency as bench_latency
+    from nora_peft.lab.study.latency import latency_step
+    from nora_peft.lab.study.spec import parse_spec
+
+    spec = parse_spec({"name": "t", "datasets": ["arith"], "methods": ["lora", "nora"], "ranks": [2], "lr": 1e-3,
+                       "train": {"precision": "bf16"}, "latency": {"rank": 2}})  # fmt: skip
+    seen = {}
+
+    def fake_measure(model, adapter, **kwargs):
+        p = next(model.parameters())
+        seen.update(device=p.device, dtype=p.dtype, rank=kwargs["rank"])
+        return {"rank": kwargs["rank"], "rounds": []}
+
+    monkeypatch.setattr(bench_latency, "measure_latency", fake_measure)
+    monkeypatch.setattr(harness, "pick_device", lambda name="auto": torch.device("cpu"))  # stands in for cuda
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    latency_step(spec, tmp_path, lambda m: None)
+    assert seen == {"device": torch.device("cpu"), "dtype": torch.bfloat16, "rank": 2}
+    assert (tmp_path / "latency.json").exists()
