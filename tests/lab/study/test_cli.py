@@ -101,7 +101,7 @@ def test_max_steps_caps_the_probe_and_gguf_reaches_the_shard_processes(monkeypat
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    monkeypatch.delenv(SMOLLM2_GGUF_ENV, raising=False)
+    monkeypatch.setenv(SMOLLM2_GGUF_ENV, "unset after the test")  # main sets it; monkeypatch restores the original
     gguf = tmp_path / "m.gguf"
     args = parser.parse_args(["gsm8k-gpu", "--max-steps", "2", "--set", "seeds=[0]", "--gguf", str(gguf), "--list",
                               "--out", str(tmp_path / "out")])  # fmt: skip
