@@ -34,7 +34,8 @@ def test_gsm8k_gpu_preset_dry_run_on_the_cpu(tmp_path, smollm2_path, gsm8k_dir, 
     main = sorted((r["method"], r["r"]) for r in rows if r["variant"] == "default")
     assert main == sorted((m, r) for m in ("lora", "nora", "rslora") for r in (4, 16, 64, 256))
     assert sorted(r["variant"] for r in rows if r["variant"] != "default") == ["identity", "module", "no-dropout"]
-    assert all(r["steps"] == 2 and r["test"]["n"] == 2 and r["test_ppl"] > 1 for r in rows)
+    assert all(r["steps"] == 2 and r["test"]["n"] == 4 and r["test"]["generation_n"] == 2 for r in rows)
+    assert all(r["test_ppl"] > 1 and r["curves"]["update"]["normalized_singular_values_mean"] for r in rows)
     assert len(read_json(out / "probe.json")["cells"]) >= 9 and read_json(out / "study.json")["probe_lr"]
     claim1 = [v for v in read_json(out / "verdicts.json") if v["claim"].startswith("(1)")]
     assert [v["claim"].split()[-4] for v in claim1] == ["r=64", "r=64", "r=256", "r=256"]
