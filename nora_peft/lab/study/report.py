@@ -94,12 +94,14 @@ def header_section(inp: ReportInputs) -> list[str]:
 def verdicts_section(inp: ReportInputs) -> list[str]:
     """The verdict table, then per dataset whether adapter capacity matters at all."""
     spec = inp.spec
-    nora_r, lora_r = spec.verdict_ranks()
+    nora_r, lora_rs = spec.verdict_ranks()[0], spec.verdict_lora_ranks()
+    at = " and ".join(f"r={r}" for r in lora_rs)
+    factors = " and ".join(str(r // max(nora_r, 1)) for r in lora_rs)
     md = [
         "## Verdicts",
         "",
-        f"Claim 1 compares NoRA at r={nora_r} with LoRA/rsLoRA at r={lora_r} "
-        f"(the paper: NoRA r=64 vs LoRA r=512, a factor {lora_r // max(nora_r, 1)} here vs 8 there).",
+        f"Claim 1 compares NoRA at r={nora_r} with LoRA/rsLoRA at {at} "
+        f"(the paper: NoRA r=64 vs LoRA r=512, a factor {factors} here vs 8 there).",
         "",
         _table(
             ["claim", "dataset", "verdict", "evidence"],
@@ -322,8 +324,9 @@ def cells_section(inp: ReportInputs) -> list[str]:
     cost = []
     if walls:
         cost = [
-            f"Cell wall times (each cell runs on its own core): {len(walls)} cells, {sum(walls) / 3600:.2f} h in all, "
-            f"median {walls[len(walls) // 2] / 60:.1f} min. A cell finished after a resume counts only its last run.",
+            f"Cell wall times (each cell in one process; --jobs runs several at once): {len(walls)} cells, "
+            f"{sum(walls) / 3600:.2f} h in all, median {walls[len(walls) // 2] / 60:.1f} min. A cell finished after a "
+            "resume counts only its last run.",
             "",
         ]
     intro = ["## All cells", "", "Every row of results.jsonl (selected lr or not).", ""]

@@ -99,6 +99,7 @@ def run_cell(
             generate=bool(ev["generate"]),
             max_examples=ev.get("max_examples"),
             max_generate=ev.get("max_generate"),
+            max_new_tokens=ev["max_new_tokens"],
             batch_size=ev["batch_size"],
         )
     if ev["analysis"] and not (run_dir / "analysis.json").exists():
@@ -134,10 +135,32 @@ def cell_row(cell: Cell, run_dir: Path, wall_s: float | None = None) -> dict[str
         }
     )
     if (run_dir / "analysis.json").exists():
-        row.update(analysis_summary(read_json(run_dir / "analysis.json")))
+        analysis = read_json(run_dir / "analysis.json")
+        row.update(analysis_summary(analysis))
+        row["curves"] = spectral_curves(analysis)
     if wall_s is not None:
         row["cell_wall_s"] = round(wall_s, 2)
     return row
+
+
+#: the analysis curves the report's spectral figures draw, per activation kind: kept in the row, so that the figures
+#: can be drawn where only results.jsonl was copied (a few KB per row at r=256)
+CURVES = {
+    "update": ("normalized_singular_values_mean", "cumulative_energy_mean"),
+    "output": ("cumulative_energy_mean",),
+}
+
+
+def spectral_curves(analysis: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """``{kind: {curve: values}}`` of :data:`CURVES` from a run's ``analysis.json`` (4 significant digits)."""
+    agg = analysis.get("aggregate") or {}
+    out: dict[str, dict[str, list[float]]] = {}
+    for kind, names in CURVES.items():
+        for name in names:
+            values = (agg.get(kind) or {}).get(name)
+            if isinstance(values, list) and values:
+                out.setdefault(kind, {})[name] = [float(f"{v:.4g}") for v in values]
+    return out
 
 
 def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
@@ -171,7 +194,7 @@ def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
         with eval_mode(model):
             results[ds.name] = evaluate_records(
                 model, tokenizer, records, generate_outputs=bool(ev["generate"]), max_length=cfg.max_length,
-                batch_size=ev["batch_size"], max_generate=ev.get("max_generate"),
+                batch_size=ev["batch_size"], max_generate=ev.get("max_generate"), max_new_tokens=ev["max_new_tokens"],
                 precision=resolve_precision(cfg.precision),  # as evaluate_run does for the cells
             )  # fmt: skip
     reference = {"model": spec.model or "default", "split": "test", "datasets": results}

@@ -20,7 +20,7 @@ import yaml
 
 from nora_peft.methods import METHODS, AdapterSpec
 
-PRESETS = ("demo", "gsm8k", "gsm8k-full", "paper")
+PRESETS = ("demo", "gsm8k", "gsm8k-gpu", "gsm8k-full", "paper")
 
 #: ablation knobs a variant may change (all NoRA options of AdapterSpec)
 ABLATION_KNOBS = ("activation", "granularity", "dropout", "scaling", "alpha")
@@ -28,11 +28,13 @@ ABLATION_KNOBS = ("activation", "granularity", "dropout", "scaling", "alpha")
 
 # Evaluation of each cell. generate: exact-match accuracy (and the logistic-map metrics) by greedy generation;
 # max_examples caps every metric's records, max_generate only the generated ones (perplexity is cheap, generation is
-# not); analysis: spectra / effective rank / AUC-90 over analysis_samples held-out records.
+# not); max_new_tokens caps each generated answer (None: the longest reference response + 16); analysis: spectra /
+# effective rank / AUC-90 over analysis_samples held-out records.
 EVAL_DEFAULTS: dict[str, Any] = {
     "generate": True,
     "max_examples": None,
     "max_generate": None,
+    "max_new_tokens": None,
     "batch_size": 8,
     "analysis": True,
     "analysis_samples": 32,
@@ -99,25 +101,35 @@ class StudySpec:
         return grid[r] if isinstance(grid, dict) else grid
 
     def verdict_ranks(self) -> tuple[int, int]:
-        """(NoRA rank, LoRA rank) compared by claim 1. Default: LoRA at the largest rank, NoRA at the rank closest
-        (in log scale) to an eighth of it -- the paper's 64 vs 512; ties go to the smaller rank."""
-        ranks = sorted(self.ranks)
-        lora_r = int(self.verdict.get("lora_rank", ranks[-1]))
+        """(NoRA rank, largest LoRA rank) compared by claim 1 (all LoRA ranks: :meth:`verdict_lora_ranks`).
+        Default: LoRA at the largest rank, NoRA at the rank closest (in log scale) to an eighth of it -- the paper's
+        64 vs 512; ties go to the smaller rank."""
+        lora_r = max(self.verdict_lora_ranks())
         if "nora_rank" in self.verdict:
             return int(self.verdict["nora_rank"]), lora_r
         target = math.log(lora_r / 8)
-        nora_r = min(ranks, key=lambda r: (abs(math.log(r) - target), r))
+        nora_r = min(sorted(self.ranks), key=lambda r: (abs(math.log(r) - target), r))
         return nora_r, lora_r
+
+    def verdict_lora_ranks(self) -> list[int]:
+        """The LoRA/rsLoRA ranks claim 1 compares NoRA with, ascending: ``verdict.lora_ranks`` (several, e.g. 4x
+        and 16x NoRA's rank), else ``verdict.lora_rank``, else the largest rank."""
+        if "lora_ranks" in self.verdict:
+            return sorted(int(r) for r in self.verdict["lora_ranks"])
+        return [int(self.verdict.get("lora_rank", max(self.ranks)))]
 
     def fingerprint(self) -> str:
         """A hash of everything that changes what a cell with a given id computes (model, data, budget, eval):
         an output dir made with another fingerprint must not be resumed."""
+        ev = self.eval_settings()
+        if ev["max_new_tokens"] is None:  # added later: studies that leave it unset keep their fingerprint
+            del ev["max_new_tokens"]
         key = {
             "model": self.model,
             "datasets": [asdict(d) for d in self.datasets],
             "adapter": self.adapter,
             "train": self.train,
-            "eval": self.eval_settings(),
+            "eval": ev,
             **({"probe": self.probe} if self.probe else {}),  # studies without a probe keep their old fingerprint
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -329,10 +341,11 @@ def _check_spec(spec: StudySpec, where: str) -> None:
     if unknown_eval:
         _fail(where, f"unknown eval key(s) {sorted(unknown_eval)}", f"Use keys from {sorted(EVAL_DEFAULTS)}.")
     _check_probe(spec, where)
-    nora_r, lora_r = spec.verdict_ranks()
-    for r in (nora_r, lora_r):
+    if "lora_ranks" in spec.verdict and ("lora_rank" in spec.verdict or not spec.verdict["lora_ranks"]):
+        _fail(where, f"verdict = {spec.verdict}", "Give either verdict.lora_rank or a non-empty verdict.lora_ranks.")
+    for r in (spec.verdict_ranks()[0], *spec.verdict_lora_ranks()):
         if r not in spec.ranks:
-            _fail(where, f"verdict rank {r} is not among ranks {spec.ranks}", "Fix verdict.nora_rank / lora_rank.")
+            _fail(where, f"verdict rank {r} is not among ranks {spec.ranks}", "Fix verdict.nora_rank / lora_rank(s).")
 
 
 def _method_ranks(raw: dict[str, Any], methods: list[str], ranks: list[int], where: str) -> dict[str, list[int]]:
@@ -366,8 +379,9 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("nora_peft.lab.study") / "presets" / f"{name}.yaml"))
 
 
-def load_spec(path_or_preset: str | Path) -> StudySpec:
-    """A spec from a YAML file, or a preset name (``demo``, ``paper``)."""
+def load_spec(path_or_preset: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    """A spec from a YAML file, or a preset name (``demo``, ``paper``), with ``overrides`` (:func:`apply_overrides`)
+    applied before it is validated."""
     p = Path(path_or_preset)
     if str(path_or_preset) in PRESETS and not p.exists():
         p = preset_path(str(path_or_preset))
@@ -380,7 +394,36 @@ def load_spec(path_or_preset: str | Path) -> StudySpec:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ValueError(f"Study spec {p} is not valid YAML: {e}") from None
-    return parse_spec(raw, where=str(p))
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_spec(raw, where=str(p) + (f" with {' '.join(overrides)}" if overrides else ""))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.max_steps=2", "seeds=[0]", "model=null"]`` applied to a copy of a raw spec: a dotted key path, ``=``,
+    a YAML value (so numbers, lists, mappings and null read as such). A copy of the preset at a smaller size, e.g.
+    for a dry run on a CPU: the overrides change the fingerprint like any edit of the spec."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = [k for k in key.strip().split(".") if k]
+        if not sep or not path:
+            raise ValueError(f"--set {item!r} must look like KEY=VALUE, e.g. train.max_steps=2 or seeds=[0].")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({e}).") from None
+        node = out
+        for k in path[:-1]:
+            if not isinstance(node.get(k), dict):
+                if node.get(k) is not None:
+                    raise ValueError(f"--set {item!r}: {k!r} is {node[k]!r}, not a mapping that {path[-1]!r} is in.")
+                node[k] = {}
+            node = node[k]
+        node[path[-1]] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -333,10 +333,11 @@ def verdict_latency(latency: dict[str, Any] | None, claimed: float = 0.06) -> Ve
 
 def all_verdicts(spec: StudySpec, groups: dict[GroupKey, Group], latency: dict[str, Any] | None) -> list[Verdict]:
     """Every claim, per dataset (claims 1-4) and once for latency (claim 5)."""
-    nora_r, lora_r = spec.verdict_ranks()
+    nora_r = spec.verdict_ranks()[0]
     out: list[Verdict] = []
     for ds in [d.name for d in spec.datasets]:
-        out += verdict_nora_vs_lora(groups, ds, nora_r, lora_r)
+        for lora_r in spec.verdict_lora_ranks():
+            out += verdict_nora_vs_lora(groups, ds, nora_r, lora_r)
         out += verdict_plateau(groups, ds, spec.ranks)
         out += verdict_effective_rank(groups, ds, spec.ranks, "er_output")
         out += verdict_effective_rank(groups, ds, spec.ranks, "er_latent")

@@ -11,6 +11,7 @@ from nora_peft.io import read_json
 from nora_peft.lab.study import probe
 from nora_peft.lab.study.results import append_result
 from nora_peft.lab.study.spec import expand_cells, load_spec, parse_spec
+from nora_peft.lab.study.verdicts import all_verdicts
 from nora_peft.methods import AdapterSpec
 
 
@@ -147,6 +148,33 @@ def test_tiny_probe_study_end_to_end(tmp_path, default_base_path, one_thread):
     mtimes = sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json"))
     assert study_main(parser.parse_args([str(spec_path), "--out", str(out), "--jobs", "1", "--no-report"])) == 0
     assert sorted(p.stat().st_mtime_ns for p in (out / "cells").glob("*/train_summary.json")) == mtimes
+    _resume_from_copied_files(out, spec_path, lambda o: study_main(parser.parse_args([str(spec_path), "--out", str(o),
+                                                                                       "--jobs", "1"])))  # fmt: skip
+
+
+def _resume_from_copied_files(first, spec_path, run) -> None:
+    """The study dir's two small files are what a study interrupted on one machine needs on another: study.json
+    records the probe's choice, so nothing is probed or trained again for the rows results.jsonl holds; the report
+    is written from them. results.jsonl alone (with a probe) is refused, naming study.json."""
+    import shutil
+
+    from nora_peft.lab.study.results import read_results
+
+    assert read_json(first / probe.STUDY_FILE)["probe_lr"] == read_json(first / probe.PROBE_FILE)["chosen"]
+    copy = first.parent / "copy"
+    copy.mkdir()
+    for name in (probe.STUDY_FILE, "results.jsonl", "base_reference.json"):
+        shutil.copy(first / name, copy / name)
+    assert run(copy) == 0
+    assert not (copy / "cells").exists() and not (copy / probe.PROBE_DIR).exists()  # nothing trained or probed
+    report = (copy / "report.md").read_text()
+    assert all(f"| {r['cell_id']} " in report for r in read_results(first)) and len(read_results(copy)) == 6
+    alone = first.parent / "alone"
+    alone.mkdir()
+    shutil.copy(first / "results.jsonl", alone / "results.jsonl")
+    with pytest.raises(ValueError, match=r"copy the study's study.json along with results.jsonl"):
+        run(alone)
+    assert probe.resolve(load_spec(spec_path), alone) is None
 
 
 def test_real_presets_parse_and_expand():
@@ -182,3 +210,23 @@ def test_paper_preset_adapts_q_and_v_only_as_the_paper():
             model, AdapterSpec(method="lora", r=512, target_modules=paper.adapter["target_modules"])
         )
     assert round(count_parameters(peft_model)["trainable"] / 1e6, 1) == 218.1
+
+
+def test_gpu_preset_is_the_issue_s_study():
+    """gsm8k-gpu: 3 methods x r = 4..256 x 3 seeds for a full epoch in bf16, the probe as in gsm8k, claim 4's
+    ablations at r=64, exact match on 500 test problems and perplexity on all of them, claim 1 at 4x and 16x."""
+    gpu, cpu = load_spec("gsm8k-gpu"), load_spec("gsm8k")
+    assert gpu.model == "smollm2-135m" and gpu.adapter["target_modules"] == ["q_proj", "v_proj"]
+    assert gpu.lr == cpu.lr and gpu.probe["rank"] == cpu.probe["rank"] == 16 and len(probe.probe_cells(gpu)) == 9
+    assert gpu.train["epochs"] >= 1 and "max_steps" not in gpu.train and gpu.train["precision"] == "bf16"
+    ev = gpu.eval_settings()
+    assert ev["max_generate"] >= 500 and ev["max_examples"] is None  # GSM8K's test split has 1,319 records
+    cells = expand_cells(probe.with_lrs(gpu, {m: 1e-3 for m in gpu.methods}))
+    main = [c for c in cells if c.variant == "default"]
+    assert sorted({(c.method, c.r) for c in main}) == sorted((m, r) for m in gpu.methods for r in (4, 16, 64, 256))
+    assert len(main) == 36 and {c.seed for c in cells} == {0, 1, 2}
+    abl = {c.variant for c in cells if c.variant != "default"}
+    assert abl == {"module", "identity", "no-dropout"} and len(cells) == 36 + 9
+    assert gpu.verdict_ranks()[0] == 16 and gpu.verdict_lora_ranks() == [64, 256]
+    claims = [v.claim for v in all_verdicts(gpu, {}, None) if v.claim.startswith("(1)")]
+    assert claims == [f"(1) NoRA r=16 <= {m} r={r} in test PPL" for r in (64, 256) for m in ("lora", "rslora")]

@@ -123,3 +123,20 @@ def test_report_sums_the_cells_wall_times(tmp_path):
     n = len(rows)
     total_h = 60.0 * n * (n + 1) / 2 / 3600
     assert f"{n} cells, {total_h:.2f} h in all, median {(n // 2 + 1):.1f} min" in text
+
+
+def test_spectral_figures_need_only_the_rows(tmp_path):
+    """A results.jsonl copied without its run dirs still draws the spectra: the rows keep the curves."""
+    from nora_peft.lab.study.runner import spectral_curves
+
+    spec = small_spec()
+    update = {"normalized_singular_values_mean": [1.0, 0.5123456, 0.25], "cumulative_energy_mean": [0.7, 0.9, 1.0]}
+    output = {"cumulative_energy_mean": [0.6, 0.95, 1.0]}
+    analysis = {"aggregate": {"update": update, "output": output, "latent": {"x": [1]}}}
+    curves = spectral_curves(analysis)
+    assert curves["update"]["normalized_singular_values_mean"] == [1.0, 0.5123, 0.25] and "latent" not in curves
+    for row in synthetic_rows(spec, lambda c: (9.0, 9.0)):
+        append_jsonl(tmp_path / "results.jsonl", {**row, "run_dir": str(tmp_path / "gone"), "curves": curves})
+    text = write_report(spec, tmp_path, log=lambda m: None).read_text()
+    for name in ("spectrum_reasoning_r32.png", "energy_reasoning_r32.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 1000 and f"figures/{name}" in text

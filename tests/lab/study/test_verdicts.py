@@ -180,3 +180,30 @@ def test_latency_overhead_is_paired_per_repeat_when_times_are_stored():
     assert sorted(nora)[2] / sorted(lora)[2] == pytest.approx(2.1)  # the unpaired estimate
     ov = latency_overheads([rows, rows])
     assert ov["vs_merged_lora"].mean == pytest.approx(0.05)
+
+
+def test_claim_1_is_judged_against_each_of_several_lora_ranks():
+    """verdict.lora_ranks: NoRA r=2 against LoRA and rsLoRA at r=8 (NoRA better) and at r=32 (NoRA worse)."""
+    spec = small_spec(verdict={"nora_rank": 2, "lora_ranks": [32, 8]})
+    assert spec.verdict_ranks() == (2, 32) and spec.verdict_lora_ranks() == [8, 32]
+
+    def ppl(c):
+        v = {2: 9.0, 8: 9.5, 32: 8.0}[c.r] - (0.5 if c.method == "nora" and c.r == 2 else 0.0)
+        v += SEED_NOISE[c.seed] + _jitter(c)
+        return v, v
+
+    claims = [(v.claim, v.verdict) for v in _find(_verdicts(spec, ppl, None), "(1)")]
+    assert claims == [
+        ("(1) NoRA r=2 <= lora r=8 in test PPL", HOLDS),
+        ("(1) NoRA r=2 <= rslora r=8 in test PPL", HOLDS),
+        ("(1) NoRA r=2 <= lora r=32 in test PPL", FAILS),
+        ("(1) NoRA r=2 <= rslora r=32 in test PPL", FAILS),
+    ]
+
+
+@pytest.mark.parametrize(
+    "verdict", [{"lora_ranks": []}, {"lora_rank": 8, "lora_ranks": [8]}, {"nora_rank": 2, "lora_ranks": [8, 64]}]
+)
+def test_bad_claim_1_ranks_are_refused(verdict):
+    with pytest.raises(ValueError, match="verdict"):
+        small_spec(verdict=verdict)
