@@ -36,6 +36,9 @@ def _top_level_names(source: Path) -> set[str]:
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names.update(t.id for t in targets if isinstance(t, ast.Name))
+            if any(isinstance(t, ast.Name) and t.id == "_PUBLIC" for t in targets) and isinstance(node.value, ast.Dict):
+                # nora_peft/__init__.py's lazy public names (loaded on first access by its __getattr__)
+                names.update(k.value for k in node.value.keys if isinstance(k, ast.Constant))
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
     return names
@@ -83,7 +86,7 @@ def test_path_pattern_reads_paths_as_the_guides_write_them() -> None:
 
 #: guides whose stale names their owners are updating (tests/test_model.py, tests/test_evaluate.py,
 #: nora_peft/attention.py, ...); non-strict, so the check passes as soon as they are fixed: then drop the entry
-PENDING = {"docs/ecosystem.md", "docs/serving.md", "docs/training.md"}
+PENDING: set[str] = set()
 
 
 def _guide_param(path: Path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,21 +141,9 @@ def _private_imports() -> list[str]:
     return found
 
 
-#: private names imported across modules in files other owners hold (issue 20), to be made public or moved there
-KNOWN_PRIVATE_IMPORTS = {
-    "nora_peft/lab/evaluate.py imports _mapping from nora_peft.lab.train",
-    "nora_peft/lab/study/runner.py imports _freeze from nora_peft.lab.study.spec",
-    "nora_peft/lab/train/__init__.py imports _mapping from nora_peft.lab.train.cli",
-    "nora_peft/lab/train/trainer.py imports _cuda from nora_peft.lab.train.precision",
-}
-
-
 def test_no_module_imports_another_modules_private_name():
     """A ``_name`` is its module's own: another module needing it means it should be public (or live elsewhere)."""
-    found = {re.sub(r" \(line \d+\)$", "", f) for f in _private_imports()}
-    if found and found <= KNOWN_PRIVATE_IMPORTS:
-        pytest.xfail("private names imported across modules, in files of other owners: " + "; ".join(sorted(found)))
-    assert found == set()
+    assert _private_imports() == []
 
 
 def test_no_import_cycles_between_modules():
@@ -200,10 +187,6 @@ def test_no_import_cycles_between_modules():
         visit(module)
 
 
-#: module -> why it cannot be imported first in a fresh process (owned elsewhere; see the test below)
-KNOWN_IMPORT_ORDER_FAILURES = {"nora_peft.checkpoint"}
-
-
 @pytest.mark.slow
 def test_every_core_module_imports_alone_in_a_fresh_process():
     """Each core module imported first, in a fresh process (torch and transformers preloaded, peft not: the import
@@ -232,7 +215,4 @@ for name in {names!r}:
         failures[name] = message
 print(json.dumps(failures))
 """
-    failures = _fresh(code)
-    if failures and set(failures) <= KNOWN_IMPORT_ORDER_FAILURES:
-        pytest.xfail(f"import cycle in files of other owners: {failures}")
-    assert failures == {}
+    assert _fresh(code) == {}

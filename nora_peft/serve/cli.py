@@ -16,7 +16,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``nora serve``'s flags: the model and batching, then security and limits (each a ServeConfig field)."""
     defaults = ServeConfig()
+    _add_model_arguments(parser, defaults)
+    _add_security_arguments(parser.add_argument_group("security and limits (docs/serving.md)"), defaults)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, defaults: ServeConfig) -> None:
     parser.add_argument("--base", default="default", help="base model folder (HF format), or 'default' (embedded)")
     parser.add_argument("--adapters-dir", default=None, help="folder of adapter folders (or `nora train` run dirs)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -56,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="the base model's name in `model` fields")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
-    security = parser.add_argument_group("security and limits (docs/serving.md)")
+
+
+def _add_security_arguments(security: argparse._ArgumentGroup, defaults: ServeConfig) -> None:
     security.add_argument(
         "--api-key", default=os.environ.get("NORA_API_KEY"), help="user key: generate, list (env NORA_API_KEY)"
     )

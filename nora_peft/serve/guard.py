@@ -197,7 +197,7 @@ def _busy_reply(config: ServeConfig) -> bytes:
     return head.encode() + body
 
 
-def guarded_h11_protocol(config: ServeConfig) -> type:
+def guarded_h11_protocol(config: ServeConfig) -> type:  # long: a class factory, its length is the class body
     """uvicorn's h11 protocol with read deadlines and a :class:`ConnectionBook`.
 
     Read deadlines: a client gets ``header_timeout_s`` to send a request's headers and ``body_timeout_s`` to send

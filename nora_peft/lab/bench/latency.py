@@ -97,7 +97,7 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def measure_latency(
+def measure_latency(  # long: a quarter of it is the keyword arguments the study and the CLI pass
     model: nn.Module,
     adapter: dict[str, Any] | None = None,
     *,

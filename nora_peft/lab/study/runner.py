@@ -20,7 +20,7 @@ from typing import Any
 
 from ...io import read_json, write_json_atomic
 from .results import BASE_REFERENCE, append_result, end_torn_line, read_results
-from .spec import Cell, StudySpec, _freeze, expand_cells, shard_cells
+from .spec import Cell, StudySpec, expand_cells, freeze_options, shard_cells
 
 
 def train_config(spec: StudySpec, cell: Cell, run_dir: Path):
@@ -182,7 +182,7 @@ def run_base_reference(spec: StudySpec, out_dir: Path) -> dict[str, Any]:
     for ds in spec.datasets:
         # a cell only to reuse train_config's data settings; no adapter is built from it
         cell = Cell(
-            ds.name, ds.data, _freeze(ds.options), spec.methods[0], spec.ranks[0], "base", (), 1.0, spec.seeds[0]
+            ds.name, ds.data, freeze_options(ds.options), spec.methods[0], spec.ranks[0], "base", (), 1.0, spec.seeds[0]
         )
         cfg = train_config(spec, cell, out_dir / "base")
         if model is None:

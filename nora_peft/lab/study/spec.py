@@ -185,7 +185,7 @@ class Cell:
         }
 
 
-def _freeze(d: dict[str, Any]) -> tuple:
+def freeze_options(d: dict[str, Any]) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
@@ -445,7 +445,9 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
             }
         for lr in spec.lr_grid(method, r):
             for seed in spec.seeds:
-                c = Cell(ds.name, ds.data, _freeze(ds.options), method, r, variant, _freeze(full), lr, seed)
+                c = Cell(
+                    ds.name, ds.data, freeze_options(ds.options), method, r, variant, freeze_options(full), lr, seed
+                )
                 cells.setdefault(c.cell_id, c)
 
     for ds in spec.datasets:
