@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,16 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
-from .tuner.config import NORA_PEFT_TYPE, WEIGHTS_NAME, NoraConfig, check_adapter_weights_file, compute_scaling
+from .adapter_files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_adapter_weights_file,
+    descriptor_path,
+    open_adapter_file,
+)
+from .tuner.config import NORA_PEFT_TYPE, NoraConfig, compute_scaling
 
-CONFIG_NAME = "adapter_config.json"
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|nora_up|nora_down)\.weight$")
 #: LoRA options a per-row mixed pass (``kernels.mixed``) cannot apply.
 LORA_UNSUPPORTED = (
@@ -62,10 +68,6 @@ MAX_CONFIG_BYTES = 1 << 20
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 #: The largest |scaling| accepted: LoRA/rsLoRA/NoRA scalings (alpha/r, alpha/sqrt(r)) of trained adapters are O(1..100).
 MAX_ABS_SCALING = 1e4
-
-
-class CheckpointError(ValueError):
-    """An adapter folder that cannot be used: the message names the file or field and the fix."""
 
 
 @dataclass
@@ -150,57 +152,6 @@ def read_config(
     if not isinstance(raw, dict):
         raise CheckpointError(f"Adapter {label}: {CONFIG_NAME} must be a JSON object; got a {type(raw).__name__}.")
     return _build_config(raw, label)
-
-
-def open_adapter_file(folder: Path, name: str, label: str, within: str | os.PathLike | None = None) -> int:
-    """A read-only descriptor of the regular file ``folder/name``; :class:`CheckpointError` for anything else.
-
-    The open never blocks (``O_NONBLOCK``: a FIFO would otherwise wait for a writer forever) and the descriptor is
-    checked, not the name, so a file swapped after a check is still caught. With ``within``, the file must resolve
-    inside that folder, checked before the open and again on the opened file where ``/proc`` says what it is.
-    Messages name the file, never where a link points or what it holds.
-    """
-    path = folder / name
-    root = Path(within).resolve() if within is not None else None
-    outside = (
-        f"Adapter {label}: {name} is a link to a file outside the adapters folder; copy the file into the "
-        "adapter's folder instead."
-    )
-    if root is not None and not _resolves_inside(path, root):
-        raise CheckpointError(outside)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise CheckpointError(
-            f"Adapter {label}: {name} cannot be opened ({type(e).__name__}); check the file and its permissions."
-        ) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(
-                f"Adapter {label}: {name} is not a regular file (a FIFO, device, socket or folder); an adapter's "
-                "files are plain files, as `save_pretrained` writes them."
-            )
-        opened = _descriptor_path(fd)
-        if root is not None and opened is not None and not _resolves_inside(Path(os.readlink(opened)), root):
-            raise CheckpointError(outside)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _resolves_inside(path: Path, root: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(root)
-    except (OSError, RuntimeError):  # a link loop
-        return False
-
-
-def _descriptor_path(fd: int) -> str | None:
-    """A path that opens the very file behind ``fd`` (Linux's ``/proc/self/fd``), or ``None`` where there is none."""
-    path = f"/proc/self/fd/{fd}"
-    return path if os.path.exists(path) else None
 
 
 def _read_small_file(folder: Path, name: str, label: str, within: str | os.PathLike | None, limit: int) -> bytes:
@@ -331,7 +282,7 @@ def read_checkpoint(
     )
     fd = open_adapter_file(folder, WEIGHTS_NAME, label, within)
     try:  # safetensors opens by name: the descriptor's own path keeps it on the file just checked
-        with safe_open(_descriptor_path(fd) or str(folder / WEIGHTS_NAME), framework="pt") as f:
+        with safe_open(descriptor_path(fd) or str(folder / WEIGHTS_NAME), framework="pt") as f:
             header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
             layers = _plan_layers(config, header, expected, max_rank, label)
             for module, (up_key, down_key, scaling) in layers.items():

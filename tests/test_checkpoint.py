@@ -296,3 +296,18 @@ def test_the_scaling_folded_into_w_down_must_not_overflow(nora_dir, linear_shape
     edit_tensors(nora_dir, huge)
     read_checkpoint(nora_dir, expected=linear_shapes, dtype=torch.float64)
     refused(nora_dir, "times the scaling 10", expected=linear_shapes, dtype=torch.float32)
+
+
+def test_peft_s_own_loader_refuses_a_nested_header_and_a_fifo_cleanly(nora_dir):
+    """``NoraConfig.from_pretrained`` (what ``PeftModel.from_pretrained`` calls first) checks the weights file through
+    ``adapter_files``: a header nested too deeply is a clear error, not a RecursionError, and a FIFO never blocks."""
+    from nora_peft import NoraConfig
+
+    weights = nora_dir / "adapter_model.safetensors"
+    nested_safetensors(weights)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        NoraConfig.from_pretrained(str(nora_dir))
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        finishes_within(10, NoraConfig.from_pretrained, str(nora_dir))

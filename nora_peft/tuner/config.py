@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Literal, get_args
 
 from peft.config import PeftConfig
 
+from ..adapter_files import check_adapter_weights_file
 from ..kernels.activations import ACTIVATIONS
 
 
@@ -36,7 +36,6 @@ Activation = Literal["silu", "identity", "relu", "gelu", "tanh"]
 Granularity = Literal["weight", "module"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 SCALINGS = ("alpha/r", "rslora")
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def compute_scaling(scaling: str | float, alpha: float, r: int) -> float:
@@ -156,40 +155,3 @@ class NoraConfig(PeftConfig):
         if os.path.isdir(folder):
             check_adapter_weights_file(folder)
         return config
-
-
-def check_adapter_weights_file(folder: str) -> None:
-    """Raise ``ValueError`` if ``folder`` lacks adapter weights or its safetensors file is not complete."""
-    path = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.exists(path):
-        pickled = os.path.exists(os.path.join(folder, "adapter_model.bin"))
-        raise ValueError(
-            f"NoRA adapter folder {folder} has adapter_config.json but no {WEIGHTS_NAME}"
-            + (
-                " (an adapter_model.bin is there, but NoRA loads weights through safetensors only, never pickle)"
-                if pickled
-                else ": the weights are missing"
-            )
-            + ". Copy the whole adapter folder again, or re-save it with `model.save_pretrained(...)`."
-        )
-    size = os.path.getsize(path)
-    problem = None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header claims {n} bytes but the file has {size}")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            problem = f"tensor data should end at byte {8 + n + end} but the file has {size} bytes (truncated?)"
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        problem = str(e)
-    if problem:
-        raise ValueError(
-            f"NoRA adapter weights file {path} is corrupt or truncated: {problem}. "
-            "Re-save the adapter with `model.save_pretrained(...)` or copy the file again."
-        )
