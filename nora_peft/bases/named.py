@@ -51,16 +51,6 @@ TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-#: torch CPU threads a named base trains fastest with: the embedded 0.8M base gains nothing from intra-op threads and
-#: loses much when other jobs share the cores (docs/training.md: 1 min 11 s with one thread, 6 min 19 s with two)
-CPU_THREADS: dict[str, int] = {"default": 1}
-
-
-def cpu_threads(name_or_path: str | os.PathLike | None) -> int | None:
-    """The torch CPU thread count the named base ``name_or_path`` recommends (``None``: torch's own choice)."""
-    return CPU_THREADS.get("default" if name_or_path in (None, "", "default") else str(name_or_path))
-
-
 def training_defaults(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
     """The training settings the named base ``name_or_path`` recommends (``{}`` for a folder or hub id)."""
     key = "default" if name_or_path in (None, "", "default") else str(name_or_path)

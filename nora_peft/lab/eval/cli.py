@@ -39,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision (default: the run's; auto for --model)")  # fmt: skip
     parser.add_argument("--data-seed", type=int, default=0, help="split seed for --model (a run uses its own)")
     parser.add_argument("--out", help="where to write the JSON (default: next to the run / adapter, else runs/eval/)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: the base's recommendation, else torch's)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
 
 
 def _model_records(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
@@ -115,17 +113,11 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    """``--threads``, else the recommendation of the base being evaluated (``--model``, or the run's)."""
-    import torch
+    """``--threads``: torch's CPU thread count (else torch's own)."""
+    if getattr(args, "threads", None):
+        import torch
 
-    from ..train.cli import threads_to_set
-
-    model = args.model
-    if args.run and (Path(args.run) / "config.json").is_file():
-        model = read_json(Path(args.run) / "config.json").get("model")
-    threads = threads_to_set(getattr(args, "threads", None), model)
-    if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(args.threads)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -121,8 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads on a machine without a GPU (default: the base's recommendation, 1 for the embedded "
-        "base; else torch's)",
+        help="torch CPU threads (default: torch's own)",
     )
     defaults = TrainConfig().to_dict()  # the embedded base's: what `nora train` with no flags runs
     for flag, (name, kwargs) in FLAGS.items():
@@ -151,27 +150,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-def threads_to_set(threads: int | None, model: str | None) -> int | None:
-    """The torch CPU thread count to set: ``--threads`` when given, else (on a machine without a GPU) the base's
-    recommendation (``bases.named.cpu_threads``); ``None`` leaves torch's own."""
-    import torch
-
-    from ...bases.named import cpu_threads
-
-    if threads:
-        return threads
-    return None if torch.cuda.is_available() else cpu_threads(model)
-
-
 def main(args: argparse.Namespace) -> int:
     """``nora train``: exit 0 (the summary as JSON), 2 (bad input, nothing trained) or 3 (the loss turned NaN/inf)."""
     try:
         cfg = config_from_args(args)
-        threads = threads_to_set(getattr(args, "threads", None), cfg.model)
-        if threads:
+        if getattr(args, "threads", None):
             import torch
 
-            torch.set_num_threads(threads)
+            torch.set_num_threads(args.threads)
         run_dir = train(cfg)
     except NonFiniteLossError as e:
         print(f"nora train: {e}", file=sys.stderr)

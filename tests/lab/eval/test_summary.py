@@ -45,17 +45,13 @@ def test_words_instead_of_none():
     assert "mean |error| no reply parsed" in text and "predicted no answer parsed, gold 0.5952 (wrong)" in text
 
 
-def test_eval_threads_follow_the_runs_base_unless_given(tmp_path, monkeypatch):
+def test_eval_threads_flag_sets_torch_s_count_and_none_leaves_it(monkeypatch):
     import argparse
-    import json
 
     from nora_peft.lab.eval.cli import set_threads
 
     seen = []
     monkeypatch.setattr("torch.set_num_threads", seen.append)
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    (tmp_path / "config.json").write_text(json.dumps({"model": None}))
-    set_threads(argparse.Namespace(run=str(tmp_path), model=None, threads=None))  # the embedded base: one thread
-    set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=None))  # no recommendation: untouched
-    set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=3))  # --threads wins
-    assert seen == [1, 3]
+    set_threads(argparse.Namespace(run=None, model=None, threads=None))  # torch's own count
+    set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=3))
+    assert seen == [3]

@@ -88,14 +88,3 @@ def test_the_header_says_the_lr_came_from_the_base(tiny_model, tmp_path, monkeyp
     train(explicit)
     header = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("nora train:"))
     assert "| lr 0.002 |" in header
-
-
-def test_threads_flag_over_the_bases_recommendation_over_torchs(monkeypatch):
-    from nora_peft.lab.train.cli import threads_to_set
-
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert threads_to_set(None, None) == 1  # the embedded base trains fastest on one thread
-    assert threads_to_set(2, None) == 2  # --threads wins
-    assert threads_to_set(None, "smollm2-135m") is None  # no recommendation: torch's own count
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    assert threads_to_set(None, None) is None  # on a GPU machine the CPU thread count is left alone
