@@ -6,6 +6,7 @@
 * ``triton`` -- the Triton backend: the same inference entry points as one fused launch (imported only when chosen);
 * ``select`` -- which backend for a device / dtype / availability (``$NORA_KERNELS`` forces one);
 * ``mixed`` -- stacked adapters, rank buckets and per-step segments for mixed batches;
+* ``decode`` -- greedy decode with a static KV cache (the step captured as a CUDA graph on CUDA);
 * ``attention`` (grouped-query decode attention) and ``device`` (what the hardware does fast).
 
 Torch only at import time.
