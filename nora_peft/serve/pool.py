@@ -37,7 +37,6 @@ from .layers import MultiAdapterLinear, SlotStacks
 
 log = logging.getLogger("nora_peft.serve")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-AdapterWeights = AdapterCheckpoint  # the pool holds checkpoints as read
 #: How long a failed read answers for its adapter before a request reads the files again (seconds): a burst of
 #: requests for a broken adapter fails together, and a fixed folder is read again soon after.
 FAILED_READ_TTL_S = 1.0
@@ -114,7 +113,7 @@ class AdapterPool:
         }
         self.layers: dict[str, MultiAdapterLinear] = {}
         self.slots: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
-        self.adapters: dict[str, AdapterWeights] = {}
+        self.adapters: dict[str, AdapterCheckpoint] = {}
         self.loads = 0
         self.evictions = 0
         self.root = Path(adapters_dir).resolve() if adapters_dir else None
@@ -372,7 +371,7 @@ class AdapterPool:
             self.slots.move_to_end(name)
         return slot
 
-    def add(self, adapter: AdapterWeights, pinned: set[str] = frozenset()) -> int:  # type: ignore[assignment]
+    def add(self, adapter: AdapterCheckpoint, pinned: set[str] = frozenset()) -> int:  # type: ignore[assignment]
         """Put ``adapter`` into a slot (replacing one of the same name), evicting the LRU unpinned adapter if full."""
         self.check_fits(adapter)
         held = self.host.pop(adapter.name, None)  # out of host memory before an eviction puts its victim there
