@@ -87,25 +87,23 @@ def check_adapter_weights_file(folder: str) -> None:
             + ". Copy the whole adapter folder again, or re-save it with `model.save_pretrained(...)`."
         )
     problem = None
-    try:
-        with os.fdopen(open_adapter_file(Path(folder), WEIGHTS_NAME, folder), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+    with os.fdopen(open_adapter_file(Path(folder), WEIGHTS_NAME, folder), "rb") as f:  # a FIFO is refused, not read
+        size = os.fstat(f.fileno()).st_size
+        try:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError("file shorter than the 8-byte header length")
+                raise ValueError("file shorter than the 8-byte header length")
             n = int.from_bytes(head, "little")
             if n <= 0 or 8 + n > size:
-                raise CheckpointError(f"header claims {n} bytes but the file has {size}")
+                raise ValueError(f"header claims {n} bytes but the file has {size}")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            problem = f"tensor data should end at byte {8 + n + end} but the file has {size} bytes (truncated?)"
-    except CheckpointError:
-        raise
-    except RecursionError:
-        problem = "its header is nested too deeply to parse"
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        problem = str(e)
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end != size:
+                problem = f"tensor data should end at byte {8 + n + end} but the file has {size} bytes (truncated?)"
+        except RecursionError:
+            problem = "its header is nested too deeply to parse"
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            problem = str(e)
     if problem:
         raise CheckpointError(
             f"NoRA adapter weights file {path} is corrupt or truncated: {problem}. "
