@@ -91,6 +91,7 @@ def run_cell(
             generate=False,
             max_examples=ev.get("max_examples"),
             batch_size=ev["batch_size"],
+            base_reference=False,  # the study's base row (run_base_reference) is the reference; no per-cell copy
         )
     if "test" in splits and not (run_dir / "eval_test.json").exists():
         evaluate_run(
@@ -101,6 +102,7 @@ def run_cell(
             max_generate=ev.get("max_generate"),
             max_new_tokens=ev["max_new_tokens"],
             batch_size=ev["batch_size"],
+            base_reference=False,
         )
     if ev["analysis"] and not (run_dir / "analysis.json").exists():
         from ..analysis import analyze_run
