@@ -6,11 +6,11 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from .config import ServeConfig
+from .config import Policy, ServeConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -52,9 +52,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, defaults: ServeConfig)
     parser.add_argument(
         "--batch-wait-ms", type=float, default=defaults.batch_wait_ms, help="how long a batch waits for company"
     )
-    parser.add_argument(
-        "--scheduler", default=defaults.scheduler, choices=["continuous", "wave"], help="batching policy"
-    )
+    parser.add_argument("--scheduler", default=defaults.scheduler, choices=get_args(Policy), help="batching policy")
     parser.add_argument(
         "--prefill-chunk", type=int, default=defaults.prefill_chunk, help="prompt tokens prefilled per step"
     )

@@ -4,7 +4,7 @@ to the engine, the app and uvicorn, so each limit has one definition and one def
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Policy = Literal["continuous", "wave"]
 
@@ -93,8 +93,8 @@ class ServeConfig:
         for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "adapter_read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds; got {getattr(self, name)}.")
-        if self.scheduler not in ("continuous", "wave"):
-            raise ValueError(f"scheduler must be 'continuous' or 'wave'; got {self.scheduler!r}.")
+        if self.scheduler not in get_args(Policy):
+            raise ValueError(f"scheduler must be one of {get_args(Policy)}; got {self.scheduler!r}.")
 
 
 #: open sockets allowed beyond ``max_connections``, so a health probe gets in while every request slot is busy

@@ -100,14 +100,9 @@ class Engine:
             self.pool.install(adapter, folder, self.scheduler.pinned())
 
     def unload_adapter(self, name: str) -> None:
-        check_adapter_name(name, "lora_name")
         with self.lock:
-            if name not in self.registry:
-                raise AdapterError(f"Adapter {name!r} is not loaded; GET /v1/models lists them.", status=404)
-            del self.registry[name]
+            self.pool.unload(name)  # checks the name, 404 when not loaded; frees its slot and host-memory copy
             self.scheduler.abort_adapter(name, 404, f"The model {name!r} was unloaded.")
-            if name in self.pool.slots:
-                self.pool.remove(name)
 
     def _slot_for(self, req: GenRequest, pinned: set[str]) -> int | None:
         """The pool slot for ``req``'s adapter (``-1``: the base model), loading it if it was evicted."""

@@ -299,13 +299,12 @@ class AdapterPool:
         return adapter
 
     def _keep(self, adapter: AdapterCheckpoint) -> None:
-        """Hold ``adapter`` (no slot) in host memory, dropping unregistered and least recently used ones."""
+        """Hold ``adapter`` (no slot) in host memory, dropping the least recently used ones (``unload`` and ``install``
+        drop a name's copy themselves, so every name held here is registered)."""
         if self.max_cpu_adapters == 0 or adapter.name not in self.registry:
             return
         self.host[adapter.name] = adapter
         self.host.move_to_end(adapter.name)
-        for name in [n for n in self.host if n not in self.registry]:
-            del self.host[name]
         while len(self.host) > self.max_cpu_adapters:
             self.host.popitem(last=False)
 

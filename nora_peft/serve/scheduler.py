@@ -37,19 +37,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
+from .config import Policy
 from .errors import AdapterError, timeout_message
 from .layers import SlotStacks, StepMapping
 from .metrics import ServeMetrics
 
 log = logging.getLogger("nora_peft.serve")
 
-Policy = Literal["continuous", "wave"]
 #: How often an otherwise idle loop looks again at requests whose adapters are being read (seconds).
 STALL_POLL_S = 0.005
 
@@ -185,8 +185,8 @@ class Scheduler:
         prefill_chunk: int = 128,
         policy: Policy = "continuous",
     ) -> None:
-        if policy not in ("continuous", "wave"):
-            raise ValueError(f"policy must be 'continuous' or 'wave'; got {policy!r}.")
+        if policy not in get_args(Policy):
+            raise ValueError(f"policy must be one of {get_args(Policy)}; got {policy!r}.")
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1.")
         self.model, self.tokenizer, self.stacks, self.slot_for = model, tokenizer, stacks, slot_for

@@ -143,3 +143,18 @@ def test_float32_batched_greedy_equals_each_request_alone(serve_env):
         assert engine.snapshot_metrics()["max_batch_size_seen"] == 16
     finally:
         engine.stop()
+
+
+def test_unloading_through_the_engine_forgets_the_host_memory_copy(serve_env):
+    """The admin unload route goes through the pool's own unload: an adapter evicted into host memory is dropped at
+    once (it used to stay there until some later eviction swept it) and its name is a 404 afterwards."""
+    engine = make_engine(serve_env, max_adapters=1, max_cpu_adapters=4)
+    try:
+        held = next(iter(engine.pool.host))  # start-up read every adapter; the ones without a slot wait in host memory
+        engine.unload_adapter(held)
+        assert held not in engine.pool.host and held not in engine.registry
+        with pytest.raises(AdapterError) as err:
+            engine.unload_adapter(held)
+        assert err.value.status == 404 and err.value.param == "lora_name"
+    finally:
+        engine.stop()
