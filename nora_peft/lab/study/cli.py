@@ -227,30 +227,38 @@ def main(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs is not None else (1 if args.shard else default_jobs())
     if jobs > 1 and args.shard:
         raise SystemExit("nora study: use either --jobs or --shard, not both.")
-    final = _run_parallel(args, spec, out, jobs) if jobs > 1 else _run_serial(args, spec, out, shard)
+    if jobs > 1:
+        final, rc = _run_parallel(args, spec, out, jobs)
+        if rc:
+            return rc  # a shard failed (also under --probe-only): its log says why; rerun to resume
+    else:
+        final = _run_serial(args, spec, out, shard)
     if final is None:
-        return 0 if args.probe_only or jobs == 1 else 1
+        return 0
     if not args.no_report:  # --jobs shards run with --no-report: the parent writes the report when all are done
         finish_study(final, out)
     print(f"nora study {spec.name}: {time.perf_counter() - start:.0f}s wall; output in {out}", file=sys.stderr)
     return 0
 
 
-def _run_parallel(args: argparse.Namespace, spec: StudySpec, out: Path, jobs: int) -> StudySpec | None:
+def _run_parallel(args: argparse.Namespace, spec: StudySpec, out: Path, jobs: int) -> tuple[StudySpec | None, int]:
     """``--jobs N``: the probe's cells over N shard processes (again when an edge extension adds cells), the choice,
-    then the final cells over N processes; the final spec, or ``None`` after ``--probe-only`` or a failed shard."""
+    then the final cells over N processes. ``(final spec, 0)``; ``(None, 0)`` after ``--probe-only``; ``(None, rc)``
+    when a shard failed."""
     from ...bases.named import resolve_model
     from .runner import run_study
 
     resolve_model(spec.model)  # convert the base once here, not in N processes waiting on its lock
     while spec.probe and probe.resolve(spec, out) is None:
-        if _run_jobs(args, out, jobs, ("--probe-only",)):
-            return None
+        if rc := _run_jobs(args, out, jobs, ("--probe-only",)):
+            return None, rc
     spec = probe.run_probe(spec, out) if spec.probe else spec
-    if args.probe_only or _run_jobs(args, out, jobs):
-        return None
+    if args.probe_only:
+        return None, 0
+    if rc := _run_jobs(args, out, jobs):
+        return None, rc
     run_study(spec, out)  # nothing left to run, unless a shard was skipped: this process does it
-    return spec
+    return spec, 0
 
 
 def _run_serial(args: argparse.Namespace, spec: StudySpec, out: Path, shard: tuple[int, int]) -> StudySpec | None:

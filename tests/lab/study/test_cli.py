@@ -136,3 +136,15 @@ def test_latency_step_measures_on_the_cells_device_in_their_dtype(monkeypatch, t
     latency_step(spec, tmp_path, lambda m: None)
     assert seen == {"device": torch.device("cpu"), "dtype": torch.bfloat16, "rank": 2}
     assert (tmp_path / "latency.json").exists()
+
+
+@pytest.mark.parametrize("probe_only", [False, True])
+def test_a_failed_shard_fails_the_command_also_under_probe_only(monkeypatch, tmp_path, probe_only):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    monkeypatch.setattr("nora_peft.bases.named.resolve_model", lambda name: name)  # no base conversion here
+    monkeypatch.setattr(cli, "_run_jobs", lambda *a, **k: 3)  # the shard processes exit 3
+    args = parser.parse_args(["gsm8k", "--jobs", "2", "--out", str(tmp_path / "out"), *(["--probe-only"] * probe_only)])
+    assert cli.main(args) == 3
