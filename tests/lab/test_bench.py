@@ -129,7 +129,8 @@ def test_train_and_mixed_sections_take_a_shape_and_decode_paths_are_checked(tmp_
         cli_main(["bench", "--what", "latency", "--quick", "--decode", "cudagraph"])
 
 
-def test_a_failing_decode_path_is_recorded_and_the_others_still_measured(monkeypatch):
+@pytest.mark.parametrize("when", ["run", "build"])
+def test_a_failing_decode_path_is_recorded_and_the_others_still_measured(monkeypatch, when):
     from nora_peft.lab.bench import latency
 
     real = latency.decode_fn
@@ -141,6 +142,8 @@ def test_a_failing_decode_path_is_recorded_and_the_others_still_measured(monkeyp
         def fail():
             raise RuntimeError("operation not permitted when stream is capturing")
 
+        if when == "build":  # the decoder refuses the model when it is built (StaticDecoder's checks)
+            fail()
         return fail
 
     monkeypatch.setattr(latency, "decode_fn", decode_fn)

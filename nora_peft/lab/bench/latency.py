@@ -97,6 +97,12 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _path_failed(out: dict[str, Any], path: str, exc: Exception) -> None:
+    """Record that decode path ``path`` stopped (its rows are left out; the other paths go on)."""
+    log(f"latency: decode path {path} failed: {exc}")
+    out["errors"][path] = f"{type(exc).__name__}: {exc}"
+
+
 def measure_latency(  # long: a quarter of it is the keyword arguments the study and the CLI pass
     model: nn.Module,
     adapter: dict[str, Any] | None = None,
@@ -132,11 +138,16 @@ def measure_latency(  # long: a quarter of it is the keyword arguments the study
     ids = random_ids(batch_size, seq_len, model.config.vocab_size, device)
     prompt = random_ids(batch_size, decode_prompt, model.config.vocab_size, device, seed=2)
     prefill = {k: prefill_fn(m, ids) for k, (m, _) in variants.items()}
-    decode = {p: {k: decode_fn(m, prompt, decode_tokens, p) for k, (m, _) in variants.items()} for p in paths}
     graph = {p: p == "graph" and device.type == "cuda" for p in paths}
     out: dict[str, Any] = {"rank": ranks[0], "ranks": list(ranks), "merged_rank": merged_rank, "rounds": []}
     out["errors"] = {}  # decode path -> the error that stopped it (its rows are left out)
     out["decode_paths"] = {p: [] for p in paths} if decode_tokens else {}
+    decode: dict[str, dict[str, Any]] = {}
+    for path in out["decode_paths"]:
+        try:  # a path may refuse the model when built (e.g. a static cache on a sliding-window model)
+            decode[path] = {k: decode_fn(m, prompt, decode_tokens, path) for k, (m, _) in variants.items()}
+        except (RuntimeError, ValueError) as exc:
+            _path_failed(out, path, exc)
     for i in range(rounds):
         log(f"latency round {i + 1}/{rounds}: prefill {batch_size}x{seq_len}, decode {decode_tokens} tokens {paths}")
         times = alternate(prefill, repeats=repeats, warmup=warmup if i == 0 else 1, device=device)
@@ -145,8 +156,7 @@ def measure_latency(  # long: a quarter of it is the keyword arguments the study
             try:
                 times = alternate(decode[path], repeats=decode_repeats, warmup=1, device=device)
             except (RuntimeError, ValueError) as exc:  # e.g. a capture failure: keep the other paths' numbers
-                log(f"latency: decode path {path} failed: {exc}")
-                out["errors"][path] = f"{type(exc).__name__}: {exc}"
+                _path_failed(out, path, exc)
                 continue
             rows = _round_rows(variants, times, batch_size * decode_tokens, "decode_tokens_per_s")
             out["decode_paths"][path].append([r | {"decode_path": path, "cuda_graph": graph[path]} for r in rows])
