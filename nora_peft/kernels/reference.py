@@ -174,11 +174,11 @@ def mixed_add_(out: Tensor, x: Tensor, stacked: Any, index: Tensor) -> Tensor:
     """``out[b] += branch of row b under slot index[b]`` of ``stacked``; rows with ``index = -1`` are untouched.
 
     ``out`` is ``(B, ..., d)``, ``x`` ``(B, ..., k)``, ``index`` ``(B,)``. Rows on ``-1`` are gathered on slot 0 and
-    their delta zeroed with a mask, so no host sync is needed to find them.
+    their delta replaced by zeros (not multiplied by 0: an overflowed inf would become NaN), so no host sync is needed
+    to find them.
     """
     delta = gathered_delta(x, stacked, index.clamp(min=0))
-    keep = (index >= 0).to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
-    return out.add_(delta * keep)
+    return out.add_(delta.masked_fill_((index < 0).view(-1, *([1] * (delta.dim() - 1))), 0))
 
 
 def segmented_add_(out: Tensor, x: Tensor, stacks: Any, segments: Any) -> Tensor:

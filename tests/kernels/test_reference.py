@@ -77,6 +77,17 @@ def test_mixed_add_leaves_rows_without_adapter_untouched():
             torch.testing.assert_close(out[row] - base[row], eq2(x[row], up, down, s, act), rtol=1e-12, atol=1e-12)
 
 
+def test_mixed_add_rows_without_adapter_stay_untouched_when_slot_0_overflows():
+    """A row on ``-1`` is computed against slot 0 and thrown away: an inf there must not reach the row as NaN."""
+    k, d = 12, 7
+    up, down = _weights(3, k, d, 2)
+    stacked = stack_adapters([("a", up.float() * 1e30, down.float() * 1e30, 1.0, "identity")])
+    x, base = torch.randn(2, 2, k), torch.randn(2, 2, d)
+    out = base.clone()
+    reference.mixed_add_(out, x, stacked, torch.tensor([-1, -1]))
+    assert torch.equal(out, base)
+
+
 def test_segmented_add_over_two_stacks():
     k, d = 12, 7
     small = [("a", *_weights(3, k, d, 4), 2.0, "relu")]
