@@ -71,11 +71,12 @@ def descriptor_path(fd: int) -> str | None:
     return path if os.path.exists(path) else None
 
 
-def check_adapter_weights_file(folder: str) -> None:
+def check_adapter_weights_file(folder: str, within: str | os.PathLike | None = None) -> None:
     """Raise :class:`CheckpointError` (a ``ValueError``) if ``folder`` lacks adapter weights, or its weights file is
-    not a regular file or not a complete safetensors file (checked on the header alone, before anything loads it)."""
+    not a regular file (with ``within``: inside that folder, see :func:`open_adapter_file`) or not a complete
+    safetensors file (checked on the header alone, before anything loads it)."""
     path = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):  # a dangling link is left to open_adapter_file, which names it
         pickled = os.path.exists(os.path.join(folder, PICKLE_NAME))
         raise CheckpointError(
             f"NoRA adapter folder {folder} has adapter_config.json but no {WEIGHTS_NAME}"
@@ -87,7 +88,7 @@ def check_adapter_weights_file(folder: str) -> None:
             + ". Copy the whole adapter folder again, or re-save it with `model.save_pretrained(...)`."
         )
     problem = None
-    with os.fdopen(open_adapter_file(Path(folder), WEIGHTS_NAME, folder), "rb") as f:  # a FIFO is refused, not read
+    with os.fdopen(open_adapter_file(Path(folder), WEIGHTS_NAME, folder, within), "rb") as f:  # no FIFO, no way out
         size = os.fstat(f.fileno()).st_size
         try:
             head = f.read(8)

@@ -133,14 +133,10 @@ def read_config(
             "writes; `nora train` puts it in RUN_DIR/adapter)."
         )
     data = _read_small_file(folder, CONFIG_NAME, label, within, MAX_CONFIG_BYTES)
-    if os.path.lexists(folder / WEIGHTS_NAME):
-        os.close(open_adapter_file(folder, WEIGHTS_NAME, label, within))  # regular and inside, before it is read
-    try:
-        check_adapter_weights_file(str(folder))  # names a pickle-only folder; never loads pickle
+    try:  # regular, inside ``within``, a complete header; names a pickle-only folder, never loads pickle
+        check_adapter_weights_file(str(folder), within)
     except ValueError as e:
         raise CheckpointError(str(e).replace(str(folder), label)) from None
-    except RecursionError:  # json's recursion on a header nesting thousands of brackets
-        raise CheckpointError(f"Adapter {label}: {WEIGHTS_NAME} has a header nested too deeply to read.") from None
     try:
         raw = json.loads(data.decode("utf-8"))
     except ValueError as e:
