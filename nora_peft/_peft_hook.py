@@ -91,7 +91,8 @@ def _wrap_exec_module(loader, finder) -> None:
     def exec_module(module):
         current(module)  # the module's own errors propagate untouched, and the finders keep waiting
         for waiter in list(waiting):
-            waiter.fire()
+            if waiter.name == module.__name__:  # one loader may serve many modules (zipimport: a whole archive)
+                waiter.fire()
 
     waiting = [finder]
     setattr(exec_module, _MARK, waiting)

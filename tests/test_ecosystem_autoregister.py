@@ -238,3 +238,24 @@ def test_messages_name_only_real_commands():
     assert named and named <= actions, named - actions
     with pytest.raises(SystemExit):
         autoregister.main(["enable"])
+
+
+def test_a_loader_shared_by_several_modules_fires_only_for_the_awaited_one():
+    """zipimport hands one loader to every module of an archive: executing another module through the wrapped loader
+    must not run the callbacks waiting for ``peft``."""
+    import types
+
+    from nora_peft import _peft_hook
+
+    class SharedLoader:
+        def exec_module(self, module):
+            pass
+
+    loader, fired = SharedLoader(), []
+    finder = _peft_hook.AfterImportFinder("peft_awaited")
+    finder.callbacks.append(lambda: fired.append(True))
+    _peft_hook._wrap_exec_module(loader, finder)
+    loader.exec_module(types.ModuleType("some_other_module_of_the_archive"))
+    assert fired == []
+    loader.exec_module(types.ModuleType("peft_awaited"))
+    assert fired == [True]
