@@ -49,9 +49,18 @@ def records_fingerprint(records: list[dict[str, Any]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(base_name: str | None, records: list[dict[str, Any]], *, max_length: int, precision: str | None) -> Path:
-    """Where the base's perplexity on ``records`` is cached."""
+def cache_path(
+    base_name: str | None,
+    records: list[dict[str, Any]],
+    *,
+    max_length: int,
+    precision: str | None,
+    weights_dtype: str | None = None,
+) -> Path:
+    """Where the base's perplexity on ``records`` is cached: keyed on the base, the records, the length, the autocast
+    precision and the dtype the weights were loaded in (an fp32 run over bf16 weights is another number)."""
     key = f"v{CACHE_VERSION}-{base_fingerprint(base_name)}-{records_fingerprint(records)}-{max_length}-{precision}"
+    key += f"-{weights_dtype}" if weights_dtype else ""
     return cache_dir() / "eval_base" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
@@ -68,11 +77,12 @@ def base_perplexity(
 ) -> dict[str, Any]:
     """``{"ppl", "ppl_full", "tokens", "base", "cached"}`` of the base under ``model`` (a ``PeftModel``) on
     ``records``, from the cache when it holds them, else computed with the adapter off and cached."""
-    path = cache_path(base_name, records, max_length=max_length, precision=precision)
-    if path.is_file():
-        return {**read_json(path), "cached": True}
     if not hasattr(model, "disable_adapter"):
         raise TypeError(f"base_perplexity needs a peft model (one whose adapter can be switched off), got {model!r}.")
+    weights_dtype = str(next(model.parameters()).dtype)
+    path = cache_path(base_name, records, max_length=max_length, precision=precision, weights_dtype=weights_dtype)
+    if path.is_file():
+        return {**read_json(path), "cached": True}
     with model.disable_adapter():
         both = perplexities(model, tokenizer, records, max_length=max_length, batch_size=batch_size,
                             precision=precision, progress=progress)  # fmt: skip

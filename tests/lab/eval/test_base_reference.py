@@ -46,6 +46,7 @@ def test_the_cache_key_follows_the_base_the_records_and_the_settings(loaded, tin
         base_reference.cache_path(tiny, changed, max_length=256, precision="fp32"),
         base_reference.cache_path(tiny, recs, max_length=128, precision="fp32"),
         base_reference.cache_path(tiny, recs, max_length=256, precision="bf16"),
+        base_reference.cache_path(tiny, recs, max_length=256, precision="fp32", weights_dtype="torch.bfloat16"),
     ]
     assert key not in others and len(set(others)) == len(others)
     weights = next(p for p in os.scandir(tiny) if p.name.endswith(".safetensors"))
