@@ -74,11 +74,13 @@ def _timing_line(result: dict[str, Any]) -> str:
 
 
 def _example_lines(result: dict[str, Any], n: int = 3) -> list[str]:
+    from ..data import answers_match  # the scoring rule (numbers by value: "18.0" is "18")
+
     lines = []
     for ex in (result.get("generation") or {}).get("examples", [])[:n]:
         question = " ".join(ex["question"].split())
         predicted = "no answer parsed" if ex["prediction"] is None else ex["prediction"]
-        mark = "right" if ex["prediction"] is not None and ex["prediction"] == ex["gold"] else "wrong"
+        mark = "right" if answers_match(ex["prediction"], ex["gold"]) else "wrong"
         lines.append(f"  - {question[:110]}{'...' if len(question) > 110 else ''}")
         lines.append(f"      predicted {predicted}, gold {ex['gold']} ({mark})")
     return lines

@@ -55,3 +55,16 @@ def test_eval_threads_flag_sets_torch_s_count_and_none_leaves_it(monkeypatch):
     set_threads(argparse.Namespace(run=None, model=None, threads=None))  # torch's own count
     set_threads(argparse.Namespace(run=None, model="smollm2-135m", threads=3))
     assert seen == [3]
+
+
+def test_an_example_is_marked_as_the_score_counts_it():
+    """ "18.0" for gold "18" is counted correct by the scoring rule, so the example line must say right."""
+    examples = [
+        {"id": "a", "question": "q1?", "prediction": "18.0", "gold": "18"},
+        {"id": "b", "question": "q2?", "prediction": "17", "gold": "18"},
+    ]
+    result = {"n": 2, "ppl": 3.0, "ppl_full": 5.0, "tokens": 10, "label": "x", "data": "gsm8k", "split": "test",
+              "generation": {"accuracy": 0.5, "ci95": (0.1, 0.9), "n": 2, "correct": 1, "answered": 2,
+                             "examples": examples}}  # fmt: skip
+    text = format_summary(result)
+    assert "predicted 18.0, gold 18 (right)" in text and "predicted 17, gold 18 (wrong)" in text
