@@ -243,7 +243,8 @@ class NoraModule(nn.Module, NoraLayer):
         """Whether the branch may be added into the base output itself: not when the output shares memory with the
         input, nor when a forward hook on the base layer may have kept a reference to it (it would see the sum), nor
         when it is part of an autograd graph."""
-        if out.data_ptr() == x.data_ptr() or self.base_layer._forward_hooks:
+        hooked = self.base_layer._forward_hooks or torch.nn.modules.module._global_forward_hooks
+        if out.data_ptr() == x.data_ptr() or hooked:
             return False
         return not (torch.is_grad_enabled() and out.requires_grad)
 

@@ -138,3 +138,25 @@ def test_a_hook_on_the_base_layer_keeps_the_base_output():
         full = lin0(x)
         torch.testing.assert_close(seen[0], lin0.base_layer(x), rtol=0, atol=0)
     assert full is not seen[0] and not torch.allclose(full, seen[0])
+
+
+def test_a_global_forward_hook_keeps_the_base_output():
+    """A hook registered for every module (``register_module_forward_hook``) also sees the base layer's output: the
+    branch must not be added into it in place."""
+    model = _mlp()
+    lin0 = model.base_model.model.lin0
+    seen = []
+
+    def keep(mod, args, out):
+        if mod is lin0.base_layer:
+            seen.append(out)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(keep)
+    try:
+        x = torch.randn(5, 10, dtype=D64)
+        with torch.no_grad():
+            full = lin0(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], lin0.base_layer(x), rtol=0, atol=0)
+    assert not torch.allclose(full, seen[0])

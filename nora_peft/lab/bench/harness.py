@@ -74,7 +74,7 @@ def load_bench_model(name: str | None, args: Any, device: torch.device) -> nn.Mo
     else:
         from ...bases.named import load_model_and_tokenizer
 
-        model, _ = load_model_and_tokenizer(name)
+        model, _ = load_model_and_tokenizer(name, dtype=dtype)  # loaded in its dtype, never first in fp32
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -27,10 +27,7 @@ from ..stats import latency_overheads, mean_ci, round_overhead
 from .harness import alternate, load_bench_model, log, median_ms, random_ids
 from .infer import decode_fn, decode_paths, prefill_fn, variant
 
-#: the variants of claim (5), by role
-ROLES = ("base", "lora_merged", "lora_unmerged", "nora_unmerged")
-
-__all__ = ["ROLES", "load_bench_model", "measure_latency", "table_rows"]
+__all__ = ["measure_latency", "table_rows"]
 
 
 def _role(info: dict) -> str:
