@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,20 @@ def data_dir() -> Path:
 def cache_dir() -> Path:
     """Where built artefacts (the embedded base model) are cached: ``$NORA_CACHE``, default ``~/.cache/nora_peft``."""
     return Path(os.environ.get("NORA_CACHE", Path.home() / ".cache" / "nora_peft"))
+
+
+def save_pretrained_atomically(out_dir: str | os.PathLike, model: Any, tokenizer: Any, info_name: str, info: Any):
+    """``model`` and ``tokenizer`` (``save_pretrained``, safetensors) and ``info`` as JSON ``info_name`` into
+    ``out_dir``: written beside it and moved in at once, so a half-written model is never visible under that name."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / info_name, info)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

